@@ -1,0 +1,165 @@
+"""Rotary embeddings: the ViT's 2D rotary and the LLM's M-RoPE, as pure functions.
+
+Letters: B batch, T tokens, N patches, D head dim, M spatial merge size.
+
+M-RoPE gives every LLM token three position ids (temporal, height, width). Text tokens use the
+same id on all three axes. A visual item with an LLM grid of t x h x w tokens (after the MxM merge)
+gets (start + ti, start + hi, start + wi); the text after it continues at max(all ids so far) + 1.
+The rotary frequencies of a head are split into sections (16/24/24 for head_dim 128): the first
+section rotates by the temporal id, the second by the height id, the third by the width id.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen2vl.errors import Qwen2VLError
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., D] rotated by cos/sin broadcastable to it."""
+    return x * cos + rotate_half(x) * sin
+
+
+def inv_freq(dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+
+# ---- vision: 2D rotary over (row, col) of each patch -------------------------------------------
+
+
+def vision_patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(row, col) of every patch in the processor's order, where each MxM merge window is contiguous.
+
+    grid_thw [I, 3] in patches -> [N, 2] with N = sum(t*h*w).
+    """
+    out = []
+    for t, h, w in grid_thw.tolist():
+        rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
+        cols = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)
+        # [h/M, M, w/M, M] -> window-major order [h/M, w/M, M, M]
+        rc = torch.stack([rows.permute(0, 2, 1, 3), cols.permute(0, 2, 1, 3)], dim=-1).reshape(-1, 2)
+        out.append(rc.repeat(t, 1))
+    return torch.cat(out)
+
+
+def vision_rotary(grid_thw: torch.Tensor, head_dim: int, theta: float, merge: int,
+                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, head_dim] in float32: half the frequencies follow the row, half the column."""
+    pos = vision_patch_positions(grid_thw, merge).to(device)  # [N, 2]
+    freqs = pos[..., None].float() * inv_freq(head_dim // 2, theta, device)  # [N, 2, D/4]
+    freqs = freqs.flatten(1)  # [N, D/2]: row freqs then column freqs
+    emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
+    return emb.cos(), emb.sin()
+
+
+def vision_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
+    """Boundaries of the attention windows: one per image and per temporal slice of a video."""
+    lengths = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0])
+    return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+# ---- LLM: M-RoPE ---------------------------------------------------------------------------------
+
+
+def mrope_positions(
+    input_ids: torch.Tensor,
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    merge: int,
+    attention_mask: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D position ids and the per-sequence rope delta.
+
+    input_ids [B, T]; attention_mask [B, T] (1 = real token, 0 = padding, any side).
+    Images and videos are matched to grids in the order they appear, across the whole batch.
+    Returns positions [3, B, T] (padding gets 0) and rope_deltas [B] such that the position of the
+    n-th real token of a sequence continued as text (n counted from 0) is n + rope_deltas[b].
+    """
+    B, T = input_ids.shape
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    grids = {image_token_id: _grid_iter(image_grid_thw), video_token_id: _grid_iter(video_grid_thw)}
+    positions = torch.zeros(3, B, T, dtype=torch.long, device=input_ids.device)
+    deltas = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    for b in range(B):
+        ids = input_ids[b][mask[b]]
+        pos = _sequence_positions(ids.tolist(), grids, merge).to(input_ids.device)
+        positions[:, b, mask[b]] = pos
+        deltas[b] = (pos.max() + 1 - len(ids)) if len(ids) else 0
+    for token_id, it in grids.items():
+        if next(it, None) is not None:
+            kind = "image" if token_id == image_token_id else "video"
+            raise Qwen2VLError(f"more {kind} grids were given than {kind}s appear in input_ids")
+    return positions, deltas
+
+
+def _grid_iter(grid_thw: torch.Tensor | None):
+    return iter([] if grid_thw is None else grid_thw.tolist())
+
+
+def _sequence_positions(ids: list[int], grids: dict, merge: int) -> torch.Tensor:
+    """Positions [3, len(ids)] for one unpadded sequence."""
+    chunks, start, i, n = [], 0, 0, len(ids)
+    while i < n:
+        j = i
+        while j < n and ids[j] not in grids:
+            j += 1
+        if j > i:  # a run of text
+            chunks.append(torch.arange(start, start + j - i).expand(3, -1))
+            start += j - i
+        if j == n:
+            break
+        chunk, length = _visual_positions(ids, j, grids, merge, start)
+        chunks.append(chunk)
+        start = int(chunk.max()) + 1
+        i = j + length
+    if not chunks:
+        return torch.zeros(3, 0, dtype=torch.long)
+    return torch.cat(chunks, dim=1)
+
+
+def _visual_positions(ids: list[int], at: int, grids: dict, merge: int, start: int):
+    token = ids[at]
+    grid = next(grids[token], None)
+    if grid is None:
+        raise Qwen2VLError("input_ids hold more visual items than grids were given "
+                           "(image features and image tokens do not match)")
+    t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+    length = t * h * w
+    if ids[at:at + length] != [token] * length:
+        raise Qwen2VLError(f"a visual item with grid {grid} needs {length} consecutive placeholder "
+                           "tokens; input_ids have a different count (image features and image "
+                           "tokens do not match)")
+    ti = torch.arange(t).view(t, 1, 1).expand(t, h, w)
+    hi = torch.arange(h).view(1, h, 1).expand(t, h, w)
+    wi = torch.arange(w).view(1, 1, w).expand(t, h, w)
+    return torch.stack([ti, hi, wi]).reshape(3, -1) + start, length
+
+
+def text_positions(attention_mask: torch.Tensor | None, B: int, T: int, offset: int = 0,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Plain 1D positions [3, B, T] for text-only input; with left padding each row starts at 0."""
+    if attention_mask is None:
+        pos = torch.arange(offset, offset + T, device=device).expand(B, -1)
+    else:
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
+    return pos.unsqueeze(0).expand(3, -1, -1)
+
+
+def mrope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, section: list[int],
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [3, B, T] -> cos, sin [B, T, head_dim] with each frequency band on its own axis."""
+    freqs = positions[..., None].float() * inv_freq(head_dim, theta, positions.device)  # [3,B,T,D/2]
+    axis = torch.repeat_interleave(torch.arange(3, device=positions.device),
+                                   torch.tensor(section, device=positions.device))  # [D/2]
+    freqs = freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
