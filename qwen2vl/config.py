@@ -25,14 +25,44 @@ log = logging.getLogger(__name__)
 
 # Keys every Hugging Face config may carry that do not change the architecture.
 _GENERIC_KEYS = {
-    "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
-    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
-    "is_encoder_decoder", "id2label", "label2id", "problem_type", "_name_or_path", "model_type",
-    "base_config_key", "layer_types", "sliding_window", "max_window_layers", "attention_dropout",
-    "use_sliding_window", "bos_token_id", "eos_token_id", "pad_token_id", "vision_token_id",
-    "tie_word_embeddings", "rope_scaling", "rope_parameters", "rope_theta", "attn_implementation",
-    "_attn_implementation_autoset", "tokenizer_class", "text_config", "vision_config",
-    "pretraining_tp", "quantization_config", "num_labels",
+    "architectures",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "initializer_range",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "_name_or_path",
+    "model_type",
+    "base_config_key",
+    "layer_types",
+    "sliding_window",
+    "max_window_layers",
+    "attention_dropout",
+    "use_sliding_window",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "vision_token_id",
+    "tie_word_embeddings",
+    "rope_scaling",
+    "rope_parameters",
+    "rope_theta",
+    "attn_implementation",
+    "_attn_implementation_autoset",
+    "tokenizer_class",
+    "text_config",
+    "vision_config",
+    "pretraining_tp",
+    "quantization_config",
+    "num_labels",
 }
 
 
@@ -53,16 +83,32 @@ class VisionConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        _positive(self, "depth", "embed_dim", "num_heads", "mlp_ratio", "hidden_size", "in_channels", "patch_size",
-                  "spatial_merge_size", "temporal_patch_size")
+        _positive(
+            self,
+            "depth",
+            "embed_dim",
+            "num_heads",
+            "mlp_ratio",
+            "hidden_size",
+            "in_channels",
+            "patch_size",
+            "spatial_merge_size",
+            "temporal_patch_size",
+        )
         if self.embed_dim % self.num_heads:
-            raise ConfigError(f"vision_config.embed_dim={self.embed_dim} is not divisible by "
-                              f"vision_config.num_heads={self.num_heads}")
+            raise ConfigError(
+                f"vision_config.embed_dim={self.embed_dim} is not divisible by "
+                f"vision_config.num_heads={self.num_heads}"
+            )
         if self.head_dim % 4:
-            raise ConfigError(f"vision head_dim={self.head_dim} must be a multiple of 4 (2D rotary)")
+            raise ConfigError(
+                f"vision head_dim={self.head_dim} must be a multiple of 4 (2D rotary)"
+            )
         if self.hidden_act != "quick_gelu":
-            raise ConfigError(f"vision_config.hidden_act={self.hidden_act!r} is not supported "
-                              "(Qwen2-VL uses 'quick_gelu')")
+            raise ConfigError(
+                f"vision_config.hidden_act={self.hidden_act!r} is not supported "
+                "(Qwen2-VL uses 'quick_gelu')"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -91,20 +137,36 @@ class TextConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        _positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"hidden_size={self.hidden_size} is not divisible by "
-                              f"num_attention_heads={self.num_attention_heads}")
+            raise ConfigError(
+                f"hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                              f"num_key_value_heads={self.num_key_value_heads}")
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
         self.mrope_section = [int(s) for s in self.mrope_section]
         if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
-            raise ConfigError(f"mrope_section={self.mrope_section} must have 3 entries summing to "
-                              f"head_dim/2={self.head_dim // 2}")
+            raise ConfigError(
+                f"mrope_section={self.mrope_section} must have 3 entries summing to "
+                f"head_dim/2={self.head_dim // 2}"
+            )
         if self.hidden_act != "silu":
-            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (Qwen2 uses 'silu')")
+            raise ConfigError(
+                f"hidden_act={self.hidden_act!r} is not supported (Qwen2 uses 'silu')"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -125,33 +187,54 @@ class Qwen2VLConfig:
 
     def __post_init__(self) -> None:
         if self.vision.hidden_size != self.text.hidden_size:
-            raise ConfigError(f"vision_config.hidden_size={self.vision.hidden_size} must equal the "
-                              f"LLM hidden_size={self.text.hidden_size} (the merger projects into it)")
-        for name in ("image_token_id", "video_token_id", "vision_start_token_id",
-                     "vision_end_token_id"):
+            raise ConfigError(
+                f"vision_config.hidden_size={self.vision.hidden_size} must equal the "
+                f"LLM hidden_size={self.text.hidden_size} (the merger projects into it)"
+            )
+        for name in (
+            "image_token_id",
+            "video_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+        ):
             value = getattr(self, name)
             if not 0 <= value < self.text.vocab_size:
-                raise ConfigError(f"{name}={value} is outside the vocabulary "
-                                  f"(vocab_size={self.text.vocab_size})")
+                raise ConfigError(
+                    f"{name}={value} is outside the vocabulary (vocab_size={self.text.vocab_size})"
+                )
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> Qwen2VLConfig:
         """Build from a config.json dict in either the official flat or the transformers-5 style."""
         model_type = d.get("model_type")
         if model_type != "qwen2_vl":
-            raise ConfigError(f"model_type={model_type!r}: this is not a Qwen2-VL checkpoint "
-                              "(expected 'qwen2_vl')")
+            raise ConfigError(
+                f"model_type={model_type!r}: this is not a Qwen2-VL checkpoint "
+                "(expected 'qwen2_vl')"
+            )
         top = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
         text = {**top, **(d.get("text_config") or {})}
         _warn_unknown(top, "config", {f.name for f in fields(cls)})
-        kwargs = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                    "vision_end_token_id") if k in d}
+        kwargs = {
+            k: d[k]
+            for k in (
+                "image_token_id",
+                "video_token_id",
+                "vision_start_token_id",
+                "vision_end_token_id",
+            )
+            if k in d
+        }
         for key in ("bos_token_id", "eos_token_id"):
             if key in text:
                 kwargs[key] = text[key]
         dtype = d.get("torch_dtype") or d.get("dtype") or text.get("dtype") or "bfloat16"
-        return cls(text=_text_from_hf(text), vision=_vision_from_hf(d.get("vision_config") or {}),
-                   torch_dtype=str(dtype).removeprefix("torch."), **kwargs)
+        return cls(
+            text=_text_from_hf(text),
+            vision=_vision_from_hf(d.get("vision_config") or {}),
+            torch_dtype=str(dtype).removeprefix("torch."),
+            **kwargs,
+        )
 
     @classmethod
     def from_file(cls, path: str | Path) -> Qwen2VLConfig:
@@ -197,10 +280,16 @@ class Qwen2VLConfig:
             "use_cache": True,
             "use_sliding_window": False,
             "vision_config": {
-                "depth": v.depth, "embed_dim": v.embed_dim, "mlp_ratio": v.mlp_ratio,
-                "num_heads": v.num_heads, "in_chans": v.in_channels, "hidden_size": v.hidden_size,
-                "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size,
-                "temporal_patch_size": v.temporal_patch_size, "hidden_act": v.hidden_act,
+                "depth": v.depth,
+                "embed_dim": v.embed_dim,
+                "mlp_ratio": v.mlp_ratio,
+                "num_heads": v.num_heads,
+                "in_chans": v.in_channels,
+                "hidden_size": v.hidden_size,
+                "patch_size": v.patch_size,
+                "spatial_merge_size": v.spatial_merge_size,
+                "temporal_patch_size": v.temporal_patch_size,
+                "hidden_act": v.hidden_act,
             },
             "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
             "vocab_size": t.vocab_size,
@@ -225,8 +314,12 @@ def _text_from_hf(d: dict[str, Any]) -> TextConfig:
     kwargs["mrope_section"] = rope["mrope_section"]
     if kwargs.get("num_key_value_heads") is None:
         kwargs["num_key_value_heads"] = d.get("num_attention_heads", TextConfig.num_attention_heads)
-    _warn_unknown(d, "text_config", names | {"image_token_id", "video_token_id",
-                                              "vision_start_token_id", "vision_end_token_id"})
+    _warn_unknown(
+        d,
+        "text_config",
+        names
+        | {"image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"},
+    )
     return _build(TextConfig, kwargs, "text_config")
 
 
@@ -267,11 +360,18 @@ def _warn_unknown(d: dict[str, Any], where: str, known: set[str]) -> None:
         log.warning("%s: ignoring unknown keys %s", where, unknown)
 
 
-def _preset(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int,
-            tie: bool) -> Qwen2VLConfig:
-    text = TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                      tie_word_embeddings=tie)
+def _preset(
+    hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int, tie: bool
+) -> Qwen2VLConfig:
+    text = TextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=tie,
+    )
     return Qwen2VLConfig(text=text, vision=VisionConfig(hidden_size=hidden))
 
 

@@ -33,8 +33,14 @@ PREFIXES = [
     ("language_model.model.", "model."),
     ("language_model.lm_head.", "lm_head."),
 ]
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -42,7 +48,7 @@ SINGLE = "model.safetensors"
 def canonical_key(key: str) -> str:
     for theirs, ours in PREFIXES:
         if key.startswith(theirs):
-            return ours + key[len(theirs):]
+            return ours + key[len(theirs) :]
     return key
 
 
@@ -50,7 +56,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, cfg: Qwen2VLConfig) -> torch.
     """None means the checkpoint's own dtype (config torch_dtype)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise CheckpointError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+            raise CheckpointError(
+                f"dtype {dtype} is not supported; use float32, bfloat16 or float16"
+            )
         return dtype
     name = cfg.torch_dtype if dtype is None else str(dtype).removeprefix("torch.")
     if name not in DTYPES:
@@ -77,7 +85,8 @@ def checkpoint_files(path: Path) -> list[Path]:
             f"{path} holds only pickled PyTorch weights (.bin/.pt), which qwen2vl does not load "
             "(unpickling runs arbitrary code). Convert once with transformers: "
             "`Qwen2VLForConditionalGeneration.from_pretrained(path).save_pretrained(out, "
-            "safe_serialization=True)`, then load `out`.")
+            "safe_serialization=True)`, then load `out`."
+        )
     raise CheckpointError(f"{path}: no {SINGLE} or {INDEX} found")
 
 
@@ -90,13 +99,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 for key in f.keys():
                     out[canonical_key(key)] = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: unreadable safetensors file ({e}); it may be truncated "
-                                  "or corrupt — download or save it again") from e
+            raise CheckpointError(
+                f"{file}: unreadable safetensors file ({e}); it may be truncated "
+                "or corrupt — download or save it again"
+            ) from e
     return out
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> Qwen2VL:
+def load_model(
+    path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> Qwen2VL:
     """Open a Qwen2-VL checkpoint directory (Hugging Face layout) as a ``Qwen2VL`` in eval mode."""
     path = Path(path)
     if not path.is_dir():
@@ -107,8 +119,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
     with torch.device("meta"):
         model = Qwen2VL(cfg)
     check_keys(model, state)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()
-             if not (k == "lm_head.weight" and cfg.text.tie_word_embeddings)}
+    state = {
+        k: v.to(device=device, dtype=dtype)
+        for k, v in state.items()
+        if not (k == "lm_head.weight" and cfg.text.tie_word_embeddings)
+    }
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.eval()
@@ -122,8 +137,11 @@ def check_keys(model: Qwen2VL, state: dict[str, torch.Tensor]) -> None:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: checkpoint {tuple(state[k].shape)}, config wants {tuple(expected[k])}"
-                   for k in set(state) & set(expected) if state[k].shape != expected[k])
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)}, config wants {tuple(expected[k])}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k]
+    )
     problems = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if items:
@@ -133,8 +151,13 @@ def check_keys(model: Qwen2VL, state: dict[str, torch.Tensor]) -> None:
         raise CheckpointError("checkpoint does not match its config.json; " + "; ".join(problems))
 
 
-def save_pretrained(model: Qwen2VL, path: str | Path, *, max_shard_bytes: int = 5 * 2**30,
-                    dtype: torch.dtype | None = None) -> None:
+def save_pretrained(
+    model: Qwen2VL,
+    path: str | Path,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write config.json and safetensors (sharded above max_shard_bytes) in the official layout.
 
     Files are written into a temporary directory beside ``path`` and moved in at the end, so an

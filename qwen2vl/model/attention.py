@@ -32,7 +32,7 @@ def attention(
     mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, H, Tq, D], k/v [B, K, Tk, D] -> [B, H, Tq, D]; K divides H (grouped-query attention)."""
+    """q [B, H, Tq, D], k/v [B, K, Tk, D] -> [B, H, Tq, D]; K divides H (grouped-query)."""
     if cu_seqlens is not None:
         if mask is not None:
             raise ValueError("attention: give either mask or cu_seqlens, not both")
@@ -49,8 +49,9 @@ def _sdpa(q, k, v, *, mask, causal):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
-def causal_mask(attention_mask: torch.Tensor | None, B: int, Tq: int, Tk: int,
-                device: torch.device) -> torch.Tensor:
+def causal_mask(
+    attention_mask: torch.Tensor | None, B: int, Tq: int, Tk: int, device: torch.device
+) -> torch.Tensor:
     """Boolean [B, 1, Tq, Tk]: causal (queries are the last Tq of Tk positions) and, with a padding
     mask [B, Tk], no attending to padding. A query always sees itself, so rows of padding queries
     are never empty (an empty row gives NaN, which would leak through 0 * NaN into later layers)."""
@@ -65,7 +66,11 @@ def causal_mask(attention_mask: torch.Tensor | None, B: int, Tq: int, Tk: int,
 
 def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, *, causal: bool) -> torch.Tensor:
     """Packed sequences: q [1, H, N, D], k/v [1, K, N, D], cu_seqlens [S+1] -> [1, H, N, D]."""
-    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if (
+        flash_attn_varlen_func is not None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+    ):
         return _flash_varlen(q, k, v, cu_seqlens, causal)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     if len(set(lengths)) == 1:  # equal segments (one image, or the frames of a video): one call
@@ -75,7 +80,9 @@ def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, *, causal: bool) -> torc
         return out.transpose(0, 1).flatten(1, 2).unsqueeze(0)
     parts = [
         _sdpa(qs, ks, vs, mask=None, causal=causal)
-        for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))
+        for qs, ks, vs in zip(
+            q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True
+        )
     ]
     return torch.cat(parts, dim=2)
 
@@ -84,6 +91,7 @@ def _flash_varlen(q, k, v, cu_seqlens, causal):  # pragma: no cover - needs CUDA
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max())
     to_packed = lambda x: x[0].transpose(0, 1)  # [N, H, D]  # noqa: E731
-    out = flash_attn_varlen_func(to_packed(q), to_packed(k), to_packed(v), cu, cu, max_len, max_len,
-                                 causal=causal)
+    out = flash_attn_varlen_func(
+        to_packed(q), to_packed(k), to_packed(v), cu, cu, max_len, max_len, causal=causal
+    )
     return out.transpose(0, 1).unsqueeze(0)

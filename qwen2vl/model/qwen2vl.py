@@ -65,14 +65,18 @@ class Qwen2VL(nn.Module):
             n_slots = int(slots.sum())
             if pixels is None:
                 if n_slots:
-                    raise Qwen2VLError(f"input_ids hold {n_slots} {kind} tokens but no {kind} pixels")
+                    raise Qwen2VLError(
+                        f"input_ids hold {n_slots} {kind} tokens but no {kind} pixels"
+                    )
                 continue
             if grid is None:
                 raise Qwen2VLError(f"{kind} pixels were given without their grid_thw")
             feats = self.visual(pixels, grid.to(pixels.device))  # [sum(t*h*w)/M^2, E]
             if feats.shape[0] != n_slots:
-                raise Qwen2VLError(f"{kind} features and {kind} tokens do not match: "
-                                   f"{feats.shape[0]} features, {n_slots} tokens in input_ids")
+                raise Qwen2VLError(
+                    f"{kind} features and {kind} tokens do not match: "
+                    f"{feats.shape[0]} features, {n_slots} tokens in input_ids"
+                )
             x = x.masked_scatter(slots.unsqueeze(-1), feats.to(x.dtype))
         return x
 
@@ -89,9 +93,14 @@ class Qwen2VL(nn.Module):
             pos = text_positions(attention_mask, B, T, device=input_ids.device)
             return pos, torch.zeros(B, dtype=torch.long, device=input_ids.device)
         return mrope_positions(
-            input_ids, image_token_id=self.cfg.image_token_id, video_token_id=self.cfg.video_token_id,
-            merge=self.cfg.vision.spatial_merge_size, attention_mask=attention_mask,
-            image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
+            input_ids,
+            image_token_id=self.cfg.image_token_id,
+            video_token_id=self.cfg.video_token_id,
+            merge=self.cfg.vision.spatial_merge_size,
+            attention_mask=attention_mask,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+        )
 
     def forward(
         self,
@@ -120,7 +129,8 @@ class Qwen2VL(nn.Module):
         deltas = None
         if position_ids is None:
             position_ids, deltas = self.positions(
-                input_ids, attention_mask, image_grid_thw, video_grid_thw)
+                input_ids, attention_mask, image_grid_thw, video_grid_thw
+            )
         elif position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         t = self.cfg.text

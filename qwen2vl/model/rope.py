@@ -34,7 +34,7 @@ def inv_freq(dim: int, theta: float, device: torch.device | None = None) -> torc
 
 
 def vision_patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
-    """(row, col) of every patch in the processor's order, where each MxM merge window is contiguous.
+    """(row, col) of every patch in the processor order: each MxM merge window is contiguous.
 
     grid_thw [I, 3] in patches -> [N, 2] with N = sum(t*h*w).
     """
@@ -43,13 +43,20 @@ def vision_patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
         rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
         cols = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)
         # [h/M, M, w/M, M] -> window-major order [h/M, w/M, M, M]
-        rc = torch.stack([rows.permute(0, 2, 1, 3), cols.permute(0, 2, 1, 3)], dim=-1).reshape(-1, 2)
+        rc = torch.stack([rows.permute(0, 2, 1, 3), cols.permute(0, 2, 1, 3)], dim=-1).reshape(
+            -1, 2
+        )
         out.append(rc.repeat(t, 1))
     return torch.cat(out)
 
 
-def vision_rotary(grid_thw: torch.Tensor, head_dim: int, theta: float, merge: int,
-                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def vision_rotary(
+    grid_thw: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    merge: int,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [N, head_dim] in float32: half the frequencies follow the row, half the column."""
     pos = vision_patch_positions(grid_thw, merge).to(device)  # [N, 2]
     freqs = pos[..., None].float() * inv_freq(head_dim // 2, theta, device)  # [N, 2, D/4]
@@ -85,7 +92,11 @@ def mrope_positions(
     n-th real token of a sequence continued as text (n counted from 0) is n + rope_deltas[b].
     """
     B, T = input_ids.shape
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    mask = (
+        torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is None
+        else attention_mask.bool()
+    )
     grids = {image_token_id: _grid_iter(image_grid_thw), video_token_id: _grid_iter(video_grid_thw)}
     positions = torch.zeros(3, B, T, dtype=torch.long, device=input_ids.device)
     deltas = torch.zeros(B, dtype=torch.long, device=input_ids.device)
@@ -130,22 +141,31 @@ def _visual_positions(ids: list[int], at: int, grids: dict, merge: int, start: i
     token = ids[at]
     grid = next(grids[token], None)
     if grid is None:
-        raise Qwen2VLError("input_ids hold more visual items than grids were given "
-                           "(image features and image tokens do not match)")
+        raise Qwen2VLError(
+            "input_ids hold more visual items than grids were given "
+            "(image features and image tokens do not match)"
+        )
     t, h, w = grid[0], grid[1] // merge, grid[2] // merge
     length = t * h * w
-    if ids[at:at + length] != [token] * length:
-        raise Qwen2VLError(f"a visual item with grid {grid} needs {length} consecutive placeholder "
-                           "tokens; input_ids have a different count (image features and image "
-                           "tokens do not match)")
+    if ids[at : at + length] != [token] * length:
+        raise Qwen2VLError(
+            f"a visual item with grid {grid} needs {length} consecutive placeholder "
+            "tokens; input_ids have a different count (image features and image "
+            "tokens do not match)"
+        )
     ti = torch.arange(t).view(t, 1, 1).expand(t, h, w)
     hi = torch.arange(h).view(1, h, 1).expand(t, h, w)
     wi = torch.arange(w).view(1, 1, w).expand(t, h, w)
     return torch.stack([ti, hi, wi]).reshape(3, -1) + start, length
 
 
-def text_positions(attention_mask: torch.Tensor | None, B: int, T: int, offset: int = 0,
-                   device: torch.device | None = None) -> torch.Tensor:
+def text_positions(
+    attention_mask: torch.Tensor | None,
+    B: int,
+    T: int,
+    offset: int = 0,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """Plain 1D positions [3, B, T] for text-only input; with left padding each row starts at 0."""
     if attention_mask is None:
         pos = torch.arange(offset, offset + T, device=device).expand(B, -1)
@@ -154,12 +174,16 @@ def text_positions(attention_mask: torch.Tensor | None, B: int, T: int, offset: 
     return pos.unsqueeze(0).expand(3, -1, -1)
 
 
-def mrope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, section: list[int],
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def mrope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, section: list[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [3, B, T] -> cos, sin [B, T, head_dim] with each frequency band on its own axis."""
-    freqs = positions[..., None].float() * inv_freq(head_dim, theta, positions.device)  # [3,B,T,D/2]
-    axis = torch.repeat_interleave(torch.arange(3, device=positions.device),
-                                   torch.tensor(section, device=positions.device))  # [D/2]
+    freqs = positions[..., None].float() * inv_freq(
+        head_dim, theta, positions.device
+    )  # [3,B,T,D/2]
+    axis = torch.repeat_interleave(
+        torch.arange(3, device=positions.device), torch.tensor(section, device=positions.device)
+    )  # [D/2]
     freqs = freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -24,7 +24,9 @@ from qwen2vl.model.rope import apply_rotary
 
 
 class KVCache(Protocol):
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class RMSNorm(nn.Module):
@@ -44,7 +46,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
@@ -83,8 +88,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, *, mask=None, cu_seqlens=None, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cu_seqlens=cu_seqlens,
-                               kv_cache=kv_cache)
+        x = x + self.self_attn(
+            self.input_layernorm(x), cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache
+        )
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -113,7 +119,8 @@ class TextModel(nn.Module):
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and kv_cache is None:
                 x = torch.utils.checkpoint.checkpoint(
-                    layer, x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, use_reentrant=False)
+                    layer, x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, use_reentrant=False
+                )
             else:
                 x = layer(x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache)
         return self.norm(x)

@@ -24,8 +24,13 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.shape = (cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=self.shape[1:],
-                              stride=self.shape[1:], bias=False)
+        self.proj = nn.Conv3d(
+            cfg.in_channels,
+            cfg.embed_dim,
+            kernel_size=self.shape[1:],
+            stride=self.shape[1:],
+            bias=False,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A Conv3d whose kernel equals its input is a matmul; linear() avoids conv overhead.
@@ -40,8 +45,9 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
         N = x.shape[0]
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # each [N, H, D]
         # The reference rotates in float32 whatever the weights' dtype.
@@ -84,8 +90,9 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.window = cfg.embed_dim * cfg.spatial_merge_size**2
         self.ln_q = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(self.window, self.window), nn.GELU(),
-                                 nn.Linear(self.window, cfg.hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(self.window, self.window), nn.GELU(), nn.Linear(self.window, cfg.hidden_size)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.ln_q(x).view(-1, self.window))  # [N/M^2, LLM hidden]
@@ -103,14 +110,20 @@ class VisionTransformer(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3*2*14*14], grid_thw [I, 3] -> merged features [N/M^2, LLM hidden]."""
         x = self.patch_embed(pixel_values)
-        cos, sin = vision_rotary(grid_thw, self.cfg.head_dim, self.cfg.rope_theta,
-                                 self.cfg.spatial_merge_size, device=x.device)
+        cos, sin = vision_rotary(
+            grid_thw,
+            self.cfg.head_dim,
+            self.cfg.rope_theta,
+            self.cfg.spatial_merge_size,
+            device=x.device,
+        )
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [N, 1, D]: broadcast over heads
         cu_seqlens = vision_cu_seqlens(grid_thw).to(x.device)
         for blk in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, cos, sin, cu_seqlens,
-                                                      use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    blk, x, cos, sin, cu_seqlens, use_reentrant=False
+                )
             else:
                 x = blk(x, cos, sin, cu_seqlens)
         return self.merger(x)

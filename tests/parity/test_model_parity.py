@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from tiny import IMAGE, VEND, VIDEO, VSTART, transformers
 from safetensors.torch import load_file, save_file
+from tiny import IMAGE, VEND, VIDEO, VSTART, transformers
 
 import qwen2vl
 
@@ -37,8 +37,10 @@ def batch(*prompts):
     ids = torch.tensor([[151643] * (T - len(p[0])) + p[0] for p in prompts])
     mask = torch.tensor([[0] * (T - len(p[0])) + [1] * len(p[0]) for p in prompts])
     out = {"input_ids": ids, "attention_mask": mask}
-    for key, grids in (("image", [g_ for p in prompts for g_ in p[1]]),
-                       ("video", [g_ for p in prompts for g_ in p[2]])):
+    for key, grids in (
+        ("image", [g_ for p in prompts for g_ in p[1]]),
+        ("video", [g_ for p in prompts for g_ in p[2]]),
+    ):
         if grids:
             n = sum(t * h * w for t, h, w in grids)
             pv = "pixel_values" if key == "image" else "pixel_values_videos"
@@ -70,8 +72,10 @@ CASES = {
     "two_images_different_shapes": [prompt(("image", (1, 4, 16)), TEXT, ("image", (1, 10, 6)))],
     "one_video": [prompt(("video", (3, 8, 12)), TEXT)],
     "image_and_video": [prompt(("image", (1, 6, 6)), ("video", (2, 4, 8)), TEXT)],
-    "left_padded_batch": [prompt(("image", (1, 4, 4)), TEXT),
-                          prompt(TEXT, ("image", (1, 8, 10)), ("text", [11, 12, 13]))],
+    "left_padded_batch": [
+        prompt(("image", (1, 4, 4)), TEXT),
+        prompt(TEXT, ("image", (1, 8, 10)), ("text", [11, 12, 13])),
+    ],
 }
 
 
@@ -106,7 +110,8 @@ def test_loss_matches_transformers(ours_untied, hf_untied):
 def test_checkpoint_saved_by_qwen2vl_loads_in_transformers(ours_untied, hf_untied, tmp_path):
     qwen2vl.save_pretrained(ours_untied, tmp_path / "ours")
     hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-        tmp_path / "ours", dtype=torch.float32).eval()
+        tmp_path / "ours", dtype=torch.float32
+    ).eval()
     assert_parity(ours_untied, hf, batch(*CASES["image_and_video"]))
 
 
@@ -114,26 +119,48 @@ def test_sharded_save_round_trips(ours_untied, hf_untied, tmp_path):
     qwen2vl.save_pretrained(ours_untied, tmp_path, max_shard_bytes=4 * 2**20)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    assert_parity(qwen2vl.load_model(tmp_path, dtype="float32"), hf_untied,
-                  batch(*CASES["one_image"]))
+    assert_parity(
+        qwen2vl.load_model(tmp_path, dtype="float32"), hf_untied, batch(*CASES["one_image"])
+    )
 
 
 def test_flat_official_config_style(saved_untied, hf_untied, tmp_path):
     """Rewrite transformers' nested config.json into the official flat style."""
     nested = json.loads((saved_untied / "config.json").read_text())
     text, vision = nested["text_config"], nested["vision_config"]
-    flat = {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                 "num_hidden_layers", "num_attention_heads",
-                                 "num_key_value_heads", "rms_norm_eps", "hidden_act",
-                                 "max_position_embeddings")}
-    flat |= {"model_type": "qwen2_vl", "rope_theta": 1e6, "torch_dtype": "float32",
-             "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-             "tie_word_embeddings": False, "use_sliding_window": False,
-             "vision_config": {"depth": vision["depth"], "embed_dim": vision["embed_dim"],
-                               "num_heads": vision["num_heads"], "in_chans": 3,
-                               "hidden_size": vision["hidden_size"], "mlp_ratio": 4,
-                               "patch_size": 14, "spatial_merge_size": 2,
-                               "temporal_patch_size": 2}}
+    flat = {
+        k: text[k]
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "hidden_act",
+            "max_position_embeddings",
+        )
+    }
+    flat |= {
+        "model_type": "qwen2_vl",
+        "rope_theta": 1e6,
+        "torch_dtype": "float32",
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "vision_config": {
+            "depth": vision["depth"],
+            "embed_dim": vision["embed_dim"],
+            "num_heads": vision["num_heads"],
+            "in_chans": 3,
+            "hidden_size": vision["hidden_size"],
+            "mlp_ratio": 4,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+    }
     (tmp_path / "config.json").write_text(json.dumps(flat))
     (tmp_path / "model.safetensors").symlink_to(saved_untied / "model.safetensors")
     model = qwen2vl.load_model(tmp_path)
@@ -144,14 +171,20 @@ def test_flat_official_config_style(saved_untied, hf_untied, tmp_path):
 def test_transformers5_runtime_key_names(saved_untied, hf_untied, tmp_path):
     state = load_file(saved_untied / "model.safetensors")
     renamed = {
-        (k.replace("model.", "model.language_model.", 1) if k.startswith("model.")
-         else "model." + k if k.startswith("visual.") else k): v
+        (
+            k.replace("model.", "model.language_model.", 1)
+            if k.startswith("model.")
+            else "model." + k
+            if k.startswith("visual.")
+            else k
+        ): v
         for k, v in state.items()
     }
     save_file(renamed, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((saved_untied / "config.json").read_text())
-    assert_parity(qwen2vl.load_model(tmp_path, dtype="float32"), hf_untied,
-                  batch(*CASES["one_image"]))
+    assert_parity(
+        qwen2vl.load_model(tmp_path, dtype="float32"), hf_untied, batch(*CASES["one_image"])
+    )
 
 
 @pytest.mark.parametrize("name", ["2B", "7B", "72B"])
