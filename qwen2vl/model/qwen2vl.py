@@ -47,37 +47,32 @@ class Qwen2VL(nn.Module):
         if self.cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def encode_visual(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Vision features [sum(t*h*w)/M^2, E] of images or videos; cacheable per item."""
+        return self.visual(pixels, grid_thw.to(pixels.device))
+
     def embed(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        video_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings [B, T, E] with each image/video placeholder replaced by its feature."""
         x = self.model.embed_tokens(input_ids)
-        for token_id, pixels, grid, kind in (
-            (self.cfg.image_token_id, pixel_values, image_grid_thw, "image"),
-            (self.cfg.video_token_id, pixel_values_videos, video_grid_thw, "video"),
+        for token_id, feats, kind in (
+            (self.cfg.image_token_id, image_features, "image"),
+            (self.cfg.video_token_id, video_features, "video"),
         ):
             slots = input_ids == token_id  # [B, T]
             n_slots = int(slots.sum())
-            if pixels is None:
-                if n_slots:
-                    raise Qwen2VLError(
-                        f"input_ids hold {n_slots} {kind} tokens but no {kind} pixels"
-                    )
-                continue
-            if grid is None:
-                raise Qwen2VLError(f"{kind} pixels were given without their grid_thw")
-            feats = self.visual(pixels, grid.to(pixels.device))  # [sum(t*h*w)/M^2, E]
-            if feats.shape[0] != n_slots:
+            n_feats = 0 if feats is None else feats.shape[0]
+            if n_feats != n_slots:
                 raise Qwen2VLError(
-                    f"{kind} features and {kind} tokens do not match: "
-                    f"{feats.shape[0]} features, {n_slots} tokens in input_ids"
+                    f"{kind} features and {kind} tokens do not match: {n_feats} features, "
+                    f"{n_slots} {kind} tokens in input_ids"
                 )
-            x = x.masked_scatter(slots.unsqueeze(-1), feats.to(x.dtype))
+            if n_slots:
+                x = x.masked_scatter(slots.unsqueeze(-1), feats.to(x.dtype))
         return x
 
     def positions(
@@ -115,6 +110,7 @@ class Qwen2VL(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
     ) -> Qwen2VLOutput:
         """input_ids [B, T] -> logits [B, T, V].
@@ -123,8 +119,21 @@ class Qwen2VL(nn.Module):
         whole attended length. position_ids [3, B, T] (or [B, T]) override the computed ones and are
         required when the cache already holds tokens. cu_seqlens [S+1] marks packed samples in a
         B = 1 row (training); logits_to_keep > 0 computes logits for the last positions only.
+        inputs_embeds [B, T, E] (from ``embed`` with cached visual features) replaces the
+        embedding step; input_ids are still needed for the positions.
         """
-        x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        feats = {}
+        for kind, pixels, grid in (
+            ("image", pixel_values, image_grid_thw),
+            ("video", pixel_values_videos, video_grid_thw),
+        ):
+            if pixels is not None:
+                if grid is None:
+                    raise Qwen2VLError(f"{kind} pixels were given without their grid_thw")
+                feats[kind] = self.encode_visual(pixels, grid)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, feats.get("image"), feats.get("video"))
+        x = inputs_embeds
         B, T = input_ids.shape
         deltas = None
         if position_ids is None:

@@ -5,48 +5,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import IMAGE, VEND, VIDEO, VSTART, transformers
+from tiny import CASES, IMAGE, VIDEO, batch, transformers
 
 import qwen2vl
 
 TOL = 1e-4
-PATCH = 3 * 2 * 14 * 14
-
-
-def visual(token, grid):
-    t, h, w = grid
-    return [VSTART] + [token] * (t * h * w // 4) + [VEND]
-
-
-def prompt(*parts):
-    """Text ids and visual items -> (ids, image grids, video grids)."""
-    ids, images, videos = [151644, 872, 198], [], []
-    for kind, value in parts:
-        if kind == "text":
-            ids += value
-        else:
-            ids += visual(IMAGE if kind == "image" else VIDEO, value)
-            (images if kind == "image" else videos).append(value)
-    return ids + [151645, 198, 151644, 77091, 198], images, videos
-
-
-def batch(*prompts):
-    """Left-pad several prompts; random pixels for every visual item."""
-    g = torch.Generator().manual_seed(0)
-    T = max(len(p[0]) for p in prompts)
-    ids = torch.tensor([[151643] * (T - len(p[0])) + p[0] for p in prompts])
-    mask = torch.tensor([[0] * (T - len(p[0])) + [1] * len(p[0]) for p in prompts])
-    out = {"input_ids": ids, "attention_mask": mask}
-    for key, grids in (
-        ("image", [g_ for p in prompts for g_ in p[1]]),
-        ("video", [g_ for p in prompts for g_ in p[2]]),
-    ):
-        if grids:
-            n = sum(t * h * w for t, h, w in grids)
-            pv = "pixel_values" if key == "image" else "pixel_values_videos"
-            out[pv] = torch.randn(n, PATCH, generator=g)
-            out[f"{key}_grid_thw"] = torch.tensor(grids)
-    return out
 
 
 def reference_logits(hf, inputs):
@@ -63,20 +26,6 @@ def assert_parity(model, hf, inputs):
     real = inputs["attention_mask"].bool()  # padding positions carry no meaning in either
     diff = (ours - ref).abs()[real].max().item()
     assert diff <= TOL, f"max |diff| {diff}"
-
-
-TEXT = ("text", [40, 1079, 264, 8251, 13, 3555, 374, 279, 6722, 30])
-CASES = {
-    "text_only": [prompt(TEXT)],
-    "one_image": [prompt(("image", (1, 8, 12)), TEXT)],
-    "two_images_different_shapes": [prompt(("image", (1, 4, 16)), TEXT, ("image", (1, 10, 6)))],
-    "one_video": [prompt(("video", (3, 8, 12)), TEXT)],
-    "image_and_video": [prompt(("image", (1, 6, 6)), ("video", (2, 4, 8)), TEXT)],
-    "left_padded_batch": [
-        prompt(("image", (1, 4, 4)), TEXT),
-        prompt(TEXT, ("image", (1, 8, 10)), ("text", [11, 12, 13])),
-    ],
-}
 
 
 @pytest.fixture(scope="module")

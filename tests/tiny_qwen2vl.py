@@ -1,0 +1,42 @@
+"""A tiny qwen2vl model with its own small vocabulary, for tests that need no reference."""
+
+import torch
+
+import qwen2vl
+from qwen2vl.config import Qwen2VLConfig, TextConfig, VisionConfig
+
+IMAGE, VIDEO, VSTART, VEND = 250, 251, 252, 253
+
+
+def tiny_config(tie: bool = False) -> Qwen2VLConfig:
+    text = TextConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        mrope_section=[2, 3, 3],
+        tie_word_embeddings=tie,
+    )
+    vision = VisionConfig(depth=1, embed_dim=16, num_heads=2, hidden_size=32)
+    return Qwen2VLConfig(
+        text=text,
+        vision=vision,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VSTART,
+        vision_end_token_id=VEND,
+        torch_dtype="float32",
+    )
+
+
+def tiny_model(seed: int = 0, tie: bool = False) -> qwen2vl.Qwen2VL:
+    torch.manual_seed(seed)
+    model = qwen2vl.Qwen2VL(tiny_config(tie)).eval()
+    with torch.no_grad():  # larger weights so logits are peaked enough to be interesting
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        if not tie:  # like a trained model, never predict the vision special tokens
+            model.lm_head.weight[VSTART - 3 :] = 0
+    return model
