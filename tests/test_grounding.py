@@ -1,0 +1,135 @@
+"""Grounding text: parsing the model's boxes, formatting targets, pixel mapping, drawing."""
+
+import io
+import random
+
+import pytest
+from PIL import Image
+
+from qwen2vl.grounding import (
+    Box,
+    GroundedObject,
+    Quad,
+    draw_objects,
+    format_box,
+    format_grounding,
+    format_object,
+    grounding_prompt,
+    parse_grounding,
+    to_png,
+)
+
+REF = "<|object_ref_start|>{}<|object_ref_end|>"
+BOX = "<|box_start|>{}<|box_end|>"
+
+
+def test_parses_one_reference_with_its_box():
+    text = "Here: " + REF.format("the cat") + BOX.format("(12,34),(560,780)") + "."
+    assert parse_grounding(text) == [GroundedObject("the cat", [Box(12, 34, 560, 780)])]
+
+
+def test_several_boxes_follow_one_reference():
+    text = REF.format("dogs") + BOX.format("(1,2),(3,4)") + BOX.format("(5,6),(7,8)")
+    text += ", " + BOX.format("(9,10),(11,12),(13,14),(15,16)")  # pairs in one body count too
+    (obj,) = parse_grounding(text)
+    assert obj.label == "dogs"
+    assert obj.boxes == [Box(1, 2, 3, 4), Box(5, 6, 7, 8), Box(9, 10, 11, 12), Box(13, 14, 15, 16)]
+
+
+def test_several_objects_and_boxes_without_reference():
+    text = (
+        BOX.format("(0,0),(10,10)")
+        + " then "
+        + REF.format("a")
+        + BOX.format("(1,1),(2,2)")
+        + " and "
+        + REF.format("b")
+        + BOX.format("( 3 , 3 ), ( 4 , 4 )")
+        + " and loose "
+        + BOX.format("(5,5),(6,6)")
+    )
+    objects = parse_grounding(text)
+    assert [(o.label, o.boxes) for o in objects] == [
+        (None, [Box(0, 0, 10, 10)]),
+        ("a", [Box(1, 1, 2, 2)]),
+        ("b", [Box(3, 3, 4, 4)]),
+        (None, [Box(5, 5, 6, 6)]),
+    ]
+
+
+def test_parses_quads():
+    text = REF.format("sign") + "<|quad_start|>(1,2),(30,2),(30,40),(1,40)<|quad_end|>"
+    (obj,) = parse_grounding(text)
+    assert obj.quads == [Quad(((1, 2), (30, 2), (30, 40), (1, 40)))] and obj.boxes == []
+
+
+def test_malformed_shapes_are_skipped_and_refs_without_boxes_kept():
+    text = REF.format("x") + BOX.format("(1,2),(3)") + BOX.format("nothing") + REF.format("y")
+    text += "<|quad_start|>(1,2),(3,4)<|quad_end|>" + BOX.format("(1,2),(3,4),(5,6)")
+    objects = parse_grounding(text)
+    assert [(o.label, o.boxes, o.quads) for o in objects] == [("x", [], []), ("y", [], [])]
+    assert parse_grounding("plain text, no boxes") == []
+
+
+def test_format_then_parse_round_trips():
+    rng = random.Random(0)
+    objects = []
+    for i in range(20):
+        boxes = [Box(*(rng.randrange(1000) for _ in range(4))) for _ in range(rng.randint(1, 3))]
+        quads = [Quad(tuple((rng.randrange(1000), rng.randrange(1000)) for _ in range(4)))]
+        objects.append(GroundedObject(f"thing {i}", boxes, quads if i % 3 == 0 else []))
+    assert parse_grounding(format_grounding(objects)) == objects
+    assert format_box(Box(1, 2, 3, 4)) == "<|box_start|>(1,2),(3,4)<|box_end|>"
+    assert format_object(GroundedObject(None, [Box(1, 2, 3, 4)])) == format_box(Box(1, 2, 3, 4))
+
+
+def test_pixels_to_norm_to_pixels_within_one_pixel():
+    # One unit is size/1000 px and rounding loses at most half a unit (a whole one at the
+    # clamped far edge): within 1 px for images up to 1000 px, within one unit beyond.
+    rng = random.Random(1)
+    for _ in range(500):
+        w, h = rng.randint(1, 4000), rng.randint(1, 4000)
+        xs = sorted(rng.uniform(0, w) for _ in range(2))
+        ys = sorted(rng.uniform(0, h) for _ in range(2))
+        back = Box.from_pixels(xs[0], ys[0], xs[1], ys[1], w, h).to_pixels(w, h)
+        for a, b, size in zip((xs[0], ys[0], xs[1], ys[1]), back, (w, h, w, h), strict=True):
+            assert abs(a - b) <= max(1.0, size / 1000) + 1e-9, (a, b, size)
+
+
+def test_to_pixels_uses_the_original_image_size():
+    assert Box(100, 250, 500, 1000).to_pixels(640, 480) == (64.0, 120.0, 320.0, 480.0)
+    assert Quad(((0, 0), (500, 0), (500, 500), (0, 500))).to_pixels(10, 20)[2] == (5.0, 10.0)
+
+
+def test_from_pixels_clamps_into_range():
+    assert Box.from_pixels(-5, -1, 700, 999, 640, 480) == Box(0, 0, 999, 999)
+
+
+def test_grounding_prompt_is_plain_text():
+    prompt = grounding_prompt("red car")
+    assert "red car" in prompt and "<|" not in prompt
+
+
+def test_draw_objects_marks_boxes_and_keeps_the_input():
+    image = Image.new("RGB", (200, 100), "white")
+    objects = [GroundedObject("cat", [Box(100, 200, 500, 800)]), GroundedObject(None, [])]
+    objects.append(GroundedObject("sign", [], [Quad(((600, 100), (900, 100), (900, 900),
+                                                       (600, 900)))]))  # fmt: skip
+    drawn = draw_objects(image, objects)
+    assert drawn.size == image.size and image.getpixel((20, 50)) == (255, 255, 255)
+    assert drawn.getpixel((20, 50)) != (255, 255, 255)  # left edge of the cat box (x=20px)
+    assert drawn.getpixel((150, 90)) != (255, 255, 255)  # bottom edge of the sign quad
+    assert drawn.getpixel((60, 50)) == (255, 255, 255)  # inside the box: untouched
+
+
+def test_to_png_gives_a_readable_png():
+    image = draw_objects(Image.new("L", (32, 32)), [GroundedObject("x", [Box(0, 0, 999, 999)])])
+    data = to_png(image)
+    assert data.startswith(b"\x89PNG")
+    assert Image.open(io.BytesIO(data)).size == (32, 32)
+
+
+@pytest.mark.parametrize("label", ["", "a label with spaces", "中文"])
+def test_labels_round_trip(label):
+    obj = GroundedObject(label, [Box(1, 2, 3, 4)])
+    assert parse_grounding(format_object(obj)) == [obj]
