@@ -10,24 +10,45 @@ from qwen2vl.errors import (
     TokenizerError,
     ToolCallError,
 )
+from qwen2vl.media import (
+    MediaConfig,
+    load_image,
+    plan_image,
+    plan_video,
+    process_image,
+    process_video,
+    smart_resize,
+)
 from qwen2vl.model import Qwen2VL, Qwen2VLOutput
+from qwen2vl.processor import Processor, load_processor
+from qwen2vl.tokenizer import Tokenizer
 from qwen2vl.weights import load_model, save_pretrained
 
 __all__ = [
     "PRESETS",
-    "Qwen2VL",
-    "Qwen2VLConfig",
-    "Qwen2VLOutput",
-    "TextConfig",
-    "VisionConfig",
-    "load_model",
-    "preset",
-    "save_pretrained",
     "CheckpointError",
     "ConfigError",
+    "MediaConfig",
     "MediaError",
     "MessageError",
+    "Processor",
+    "Qwen2VL",
+    "Qwen2VLConfig",
     "Qwen2VLError",
+    "Qwen2VLOutput",
+    "TextConfig",
+    "Tokenizer",
     "TokenizerError",
     "ToolCallError",
+    "VisionConfig",
+    "load_image",
+    "load_model",
+    "load_processor",
+    "plan_image",
+    "plan_video",
+    "preset",
+    "process_image",
+    "process_video",
+    "save_pretrained",
+    "smart_resize",
 ]

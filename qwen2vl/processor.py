@@ -1,0 +1,234 @@
+"""Messages in, model batch out: the chat template, the tokenizer and the media pipeline joined.
+
+One conversation is rendered to ids with one placeholder per image/video (``chat.render_ids``,
+injection-safe), each visual item is processed (``media.process_part``, per-item keys honoured) and
+its placeholder expanded to grid_t*grid_h*grid_w/merge^2 tokens. Several conversations are
+left-padded into one batch. ``plan`` runs the same path on metadata only (no pixels).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen2vl.chat import load_chat_template, render, render_ids
+from qwen2vl.errors import MessageError
+from qwen2vl.media import MediaConfig, load_media_config, plan_part, process_part
+from qwen2vl.tokenizer import Tokenizer
+
+Messages = Sequence[Mapping[str, Any]]
+
+
+@dataclass
+class VisualEncoding:
+    """One image or video of a conversation, processed (or only planned)."""
+
+    kind: str  # "image" | "video"
+    part: Mapping[str, Any]
+    grid_thw: tuple[int, int, int]
+    tokens: int
+    plan: Any  # media.ImagePlan | media.VideoPlan (sizes, frames, timestamps)
+    pixel_values: torch.Tensor | None = None  # [t*h*w, 3*2*14*14]; None when only planned
+
+
+@dataclass
+class Encoding:
+    """One conversation: ids with placeholders expanded, and its visual items in order."""
+
+    ids: list[int]
+    visuals: list[VisualEncoding] = field(default_factory=list)
+
+
+@dataclass
+class TokenPlan:
+    """What a conversation will cost before running the model."""
+
+    prompt_tokens: int
+    text_tokens: int
+    visuals: list[VisualEncoding]
+    max_model_len: int | None
+
+    @property
+    def fits(self) -> bool:
+        return self.max_model_len is None or self.prompt_tokens <= self.max_model_len
+
+
+class Processor:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        media: MediaConfig | None = None,
+        chat_template: str | None = None,
+        *,
+        allow_remote: bool = False,
+        allowed_local_dir: str | os.PathLike | None = None,
+        max_model_len: int | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.media = media or MediaConfig()
+        self.chat_template = chat_template
+        self.allow_remote = allow_remote
+        self.allowed_local_dir = allowed_local_dir
+        self.max_model_len = max_model_len
+        self.pad_token_id = tokenizer.endoftext_id
+
+    def apply_chat_template(
+        self,
+        messages: Messages,
+        add_generation_prompt: bool = True,
+        add_vision_id: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text, exactly as the official template (or the checkpoint's) renders it."""
+        return render(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            add_vision_id=add_vision_id,
+            tools=tools,
+            template=self.chat_template,
+        )
+
+    def encode(
+        self,
+        messages: Messages,
+        *,
+        add_generation_prompt: bool | None = None,
+        add_vision_id: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        pixels: bool = True,
+    ) -> Encoding:
+        """One conversation to ids (+ processed media; only planned when pixels=False)."""
+        if add_generation_prompt is None:
+            add_generation_prompt = not (messages and messages[-1].get("role") == "assistant")
+        ids, items = render_ids(
+            messages,
+            self.tokenizer,
+            add_generation_prompt=add_generation_prompt,
+            add_vision_id=add_vision_id,
+            tools=tools,
+            template=self.chat_template,
+        )
+        visuals = [self._visual(item.kind, item.part, pixels) for item in items]
+        out: list[int] = []
+        prev = 0
+        for item, vis in zip(items, visuals, strict=True):
+            out += ids[prev : item.index] + [ids[item.index]] * vis.tokens
+            prev = item.index + 1
+        return Encoding(ids=out + ids[prev:], visuals=visuals)
+
+    def _visual(self, kind: str, part: Mapping[str, Any], pixels: bool) -> VisualEncoding:
+        access = dict(allow_remote=self.allow_remote, allowed_local_dir=self.allowed_local_dir)
+        merge2 = self.media.merge_size**2
+        if not pixels:
+            plan = plan_part(dict(part), self.media, **access)
+            grid = tuple(int(g) for g in plan.grid_thw)
+            return VisualEncoding(kind, part, grid, _prod(grid) // merge2, plan)
+        result = process_part(dict(part), self.media, **access)
+        pixel_values, grid_thw = result
+        grid = tuple(int(g) for g in grid_thw)
+        plan = getattr(result, "plan", None)
+        return VisualEncoding(kind, part, grid, _prod(grid) // merge2, plan, pixel_values)
+
+    def __call__(
+        self,
+        conversations: Messages | Sequence[Messages],
+        add_generation_prompt: bool | None = None,
+        add_vision_id: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """A conversation, or a list of them, to the model's input tensors (left-padded)."""
+        convs = _as_conversations(conversations)
+        encs = [
+            self.encode(
+                c,
+                add_generation_prompt=add_generation_prompt,
+                add_vision_id=add_vision_id,
+                tools=tools,
+            )
+            for c in convs
+        ]
+        return self.collate(encs)
+
+    def collate(self, encodings: Sequence[Encoding]) -> dict[str, torch.Tensor]:
+        """Left-pad encodings into input_ids/attention_mask; concatenate their media."""
+        T = max(len(e.ids) for e in encodings)
+        ids = torch.full((len(encodings), T), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(encodings), T), dtype=torch.long)
+        for b, e in enumerate(encodings):
+            ids[b, T - len(e.ids) :] = torch.tensor(e.ids, dtype=torch.long)
+            mask[b, T - len(e.ids) :] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        for kind, pv_key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            items = [v for e in encodings for v in e.visuals if v.kind == kind]
+            if items:
+                batch[pv_key] = torch.cat([v.pixel_values for v in items])
+                batch[f"{kind}_grid_thw"] = torch.tensor([v.grid_thw for v in items])
+        return batch
+
+    def plan(
+        self,
+        messages: Messages,
+        *,
+        add_generation_prompt: bool | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> TokenPlan:
+        """Sizes, grids, tokens, frames and timestamps of every visual item, without pixels."""
+        enc = self.encode(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools, pixels=False
+        )
+        visual_tokens = sum(v.tokens for v in enc.visuals)
+        return TokenPlan(
+            prompt_tokens=len(enc.ids),
+            text_tokens=len(enc.ids) - visual_tokens,
+            visuals=enc.visuals,
+            max_model_len=self.max_model_len,
+        )
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def load_processor(path: str | Path | None = None, **kwargs: Any) -> Processor:
+    """Tokenizer, chat template and media defaults of a checkpoint directory (or the bundled
+    tokenizer and official defaults when ``path`` is None or lacks the files)."""
+    tokenizer = Tokenizer.from_dir(path)
+    if path is None:
+        return Processor(tokenizer, **kwargs)
+    media = load_media_config(path)
+    if "max_model_len" not in kwargs:
+        kwargs["max_model_len"] = _max_model_len(Path(path))
+    return Processor(tokenizer, media, load_chat_template(path), **kwargs)
+
+
+def _max_model_len(path: Path) -> int | None:
+    from qwen2vl.config import Qwen2VLConfig
+
+    if not (path / "config.json").is_file():
+        return None
+    return Qwen2VLConfig.from_file(path / "config.json").text.max_position_embeddings
+
+
+def _as_conversations(x: Any) -> list[Messages]:
+    if not isinstance(x, Sequence) or isinstance(x, (str, bytes)) or not x:
+        raise MessageError(
+            "expected a conversation (a non-empty list of messages) or a list of them"
+        )
+    if all(isinstance(m, Mapping) for m in x):
+        return [x]
+    if all(isinstance(c, Sequence) and not isinstance(c, (str, bytes)) for c in x):
+        return list(x)
+    raise MessageError("expected a list of message dicts, or a list of such lists")
+
+
+def _prod(grid: tuple[int, ...]) -> int:
+    out = 1
+    for g in grid:
+        out *= g
+    return out
