@@ -40,3 +40,27 @@ def tiny_model(seed: int = 0, tie: bool = False) -> qwen2vl.Qwen2VL:
         if not tie:  # like a trained model, never predict the vision special tokens
             model.lm_head.weight[VSTART - 3 :] = 0
     return model
+
+
+def tiny_real_vocab_checkpoint(path, seed: int = 0):
+    """A tiny model over the real Qwen2-VL vocabulary and token ids, saved to path (no tokenizer
+    files: the processor falls back to the bundled tokenizer). Never predicts special tokens."""
+    text = TextConfig(
+        vocab_size=151936,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        mrope_section=[2, 3, 3],
+    )
+    vision = VisionConfig(depth=1, embed_dim=16, num_heads=2, hidden_size=32)
+    cfg = Qwen2VLConfig(text=text, vision=vision, torch_dtype="float32")
+    torch.manual_seed(seed)
+    model = qwen2vl.Qwen2VL(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        model.lm_head.weight[151643:] = 0
+    qwen2vl.save_pretrained(model, path)
+    return path

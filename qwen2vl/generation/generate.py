@@ -31,55 +31,85 @@ class Step:
 
 
 class Generator:
-    """One batch being generated. ``prefill`` runs in the constructor; iterate for steps."""
+    """One batch being generated, from the state a prefill left: the cache, the logits of the
+    last prompt position, each row's rope delta and real-token count. ``Generator.start`` runs the
+    standard prefill; iterate for steps."""
 
     def __init__(
         self,
+        model: Qwen2VL,
+        params: SamplingParams,
+        *,
+        cache: KVCache,
+        logits: torch.Tensor,
+        rope_deltas: torch.Tensor,
+        n_real: torch.Tensor,
+        stop_token_ids: list[int],
+        attention_mask: torch.Tensor | None = None,
+        prompt_ids: torch.Tensor | None = None,
+        pad_token_id: int = 0,
+    ):
+        self.model, self.params, self.cache = model, params, cache
+        self.logits, self.rope_deltas, self.n_real = logits, rope_deltas, n_real  # [B,V], [B], [B]
+        self.stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
+        self.pad_token_id = pad_token_id
+        B, device = logits.shape[0], logits.device
+        # Padding mask over the whole cache; None when no row has padding.
+        self.mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            self.mask = torch.ones(B, cache.capacity, dtype=torch.long, device=device)
+            self.mask[:, : attention_mask.shape[1]] = attention_mask
+        self.rng = None
+        if params.seed is not None:
+            self.rng = torch.Generator(device=device).manual_seed(params.seed)
+        self.seen = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+            if prompt_ids is not None:
+                real = (
+                    torch.ones_like(prompt_ids, dtype=torch.bool)
+                    if attention_mask is None
+                    else attention_mask.bool()
+                )
+                self.seen.scatter_(1, prompt_ids.masked_fill(~real, 0), real)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.n_new = 0
+
+    @classmethod
+    def start(
+        cls,
         model: Qwen2VL,
         batch: dict,
         params: SamplingParams,
         *,
         stop_token_ids: list[int],
         pad_token_id: int = 0,
-        inputs_embeds: torch.Tensor | None = None,
-    ):
-        self.model, self.params = model, params
-        self.stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
-        self.pad_token_id = pad_token_id
+    ) -> Generator:
+        """Prefill a processor batch (left-padded rows, media) into a fresh cache."""
         ids = batch["input_ids"]
         B, T = ids.shape
-        device = ids.device
         mask = batch.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask.to(device)
-        dtype = model.lm_head.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
-        self.cache = KVCache(
-            model.cfg.text, B, T + params.max_new_tokens, dtype=dtype, device=device
+        mask = torch.ones_like(ids) if mask is None else mask.to(ids.device)
+        dtype = model.model.embed_tokens.weight.dtype
+        cache = KVCache(
+            model.cfg.text, B, T + params.max_new_tokens, dtype=dtype, device=ids.device
         )
-        self.mask = torch.ones(B, T + params.max_new_tokens, dtype=torch.long, device=device)
-        self.mask[:, :T] = mask
-        self.padded = not bool(mask.all())
-        self.rng = None
-        if params.seed is not None:
-            self.rng = torch.Generator(device=device).manual_seed(params.seed)
-        self.seen = None
-        if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(B, model.cfg.text.vocab_size, dtype=torch.bool, device=device)
-            self.seen.scatter_(1, ids.masked_fill(mask == 0, 0), mask.bool())
-        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
-        self.n_new = 0
+        visual = {k: batch[k] for k in VISUAL_KEYS if batch.get(k) is not None}
         with torch.inference_mode():
-            out = model(
-                ids,
-                mask,
-                **{k: batch[k] for k in VISUAL_KEYS if batch.get(k) is not None},
-                kv_cache=self.cache,
-                inputs_embeds=inputs_embeds,
-                logits_to_keep=1,
-            )
-        self.cache.commit(T)
-        self.rope_deltas = out.rope_deltas
-        self.n_real = mask.sum(1)  # [B]
-        self.logits = out.logits[:, -1]
+            out = model(ids, mask, **visual, kv_cache=cache, logits_to_keep=1)
+        cache.commit(T)
+        return cls(
+            model,
+            params,
+            cache=cache,
+            logits=out.logits[:, -1],
+            rope_deltas=out.rope_deltas,
+            n_real=mask.sum(1),
+            stop_token_ids=stop_token_ids,
+            attention_mask=mask,
+            prompt_ids=ids,
+            pad_token_id=pad_token_id,
+        )
 
     def __iter__(self) -> Iterator[Step]:
         while not self.done:
@@ -114,7 +144,7 @@ class Generator:
         B = tokens.shape[0]
         L = self.cache.length
         pos = (self.n_real + self.rope_deltas).view(1, B, 1).expand(3, B, 1)
-        mask = self.mask[:, : L + 1] if self.padded else None
+        mask = None if self.mask is None else self.mask[:, : L + 1]
         ids = tokens[:, None]
         with torch.inference_mode():
             # Embedded directly: a generated placeholder token (e.g. <|image_pad|>) is plain text
@@ -130,7 +160,7 @@ def generate(
     model: Qwen2VL, batch: dict, params: SamplingParams, *, stop_token_ids: list[int]
 ) -> list[list[int]]:
     """New token ids of every row, each ending at (and including) its stop token if one came."""
-    gen = Generator(model, batch, params, stop_token_ids=stop_token_ids)
+    gen = Generator.start(model, batch, params, stop_token_ids=stop_token_ids)
     rows: list[list[int]] = [[] for _ in range(batch["input_ids"].shape[0])]
     for step in gen:
         for b in step.active.nonzero().flatten().tolist():

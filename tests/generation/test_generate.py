@@ -112,7 +112,7 @@ def test_repetition_penalty_changes_greedy_output(model):
 
 
 def test_logprobs_are_log_probabilities(model):
-    gen = Generator(
+    gen = Generator.start(
         model, padded_batch(), SamplingParams(max_new_tokens=3, logprobs=True), stop_token_ids=[]
     )
     for step in gen:

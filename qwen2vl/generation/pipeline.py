@@ -1,0 +1,252 @@
+"""The user-facing chat API: messages in, text (or a stream of text deltas) out.
+
+    pipe = Pipeline.from_pretrained(path, dtype="bfloat16", quantize=None | "int8")
+    pipe.chat(messages, max_new_tokens=256, temperature=0.0, ...) -> str
+    for delta in pipe.chat(messages, stream=True): ...
+    pipe.generate(batch, max_new_tokens=...) -> new token ids per row
+
+Two caches make multi-turn chat cheap: vision features keyed by a hash of an item's pixels and
+grid (same bytes + same resize settings give the same pixels), and the KV cache of the previous
+turn, whose unchanged prefix is kept. A Pipeline serves one conversation at a time (not
+thread-safe); the server's engine does concurrent requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen2vl.generation.generate import Generator, generate
+from qwen2vl.generation.kv_cache import KVCache
+from qwen2vl.generation.quantize import quantize_int8
+from qwen2vl.generation.sampling import SamplingParams
+from qwen2vl.generation.stop import StopStrings
+from qwen2vl.model.qwen2vl import Qwen2VL
+from qwen2vl.processor import Encoding, Processor, load_processor
+from qwen2vl.weights import load_model
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    finish_reason: str = "length"  # "stop" (stop token or string) | "length"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the previous turn
+
+
+@dataclass
+class _Session:
+    ids: list[int]  # tokens whose keys/values sit in the cache, in order
+    cache: KVCache
+
+
+class Pipeline:
+    def __init__(
+        self,
+        model: Qwen2VL,
+        processor: Processor,
+        *,
+        stop_token_ids: Sequence[int] | None = None,
+        encoder_cache_items: int = 32,
+    ):
+        self.model, self.processor = model, processor
+        tok = processor.tokenizer
+        self.stop_token_ids = sorted(set(stop_token_ids or []) | set(tok.stop_ids))
+        self.encoder_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encoder_cache_items = encoder_cache_items
+        self.session: _Session | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: str | None = "bfloat16",
+        quantize: str | None = None,
+        device: str = "cpu",
+        **processor_kwargs: Any,
+    ) -> Pipeline:
+        model = load_model(path, dtype=dtype, device=device)
+        if quantize == "int8":
+            quantize_int8(model)
+        elif quantize is not None:
+            raise ValueError(f"quantize={quantize!r}: only None or 'int8'")
+        return cls(
+            model,
+            load_processor(path, **processor_kwargs),
+            stop_token_ids=_generation_eos(Path(path)),
+        )
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        stream: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **sampling: Any,
+    ):
+        """The assistant's reply as a string, or an iterator of text deltas with stream=True.
+        Keywords: max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed."""
+        events = self._events(messages, SamplingParams(**sampling), tools, Completion())
+        return events if stream else "".join(events)
+
+    def complete(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **sampling: Any,
+    ) -> Completion:
+        """Like chat, with token ids, logprobs (logprobs=True), finish reason and usage."""
+        out = Completion()
+        for _ in self._events(messages, SamplingParams(**sampling), tools, out):
+            pass
+        return out
+
+    def generate(
+        self, batch: dict, *, stop_token_ids: Sequence[int] | None = None, **sampling: Any
+    ) -> list[list[int]]:
+        """New token ids of each row of a processor batch; stop_token_ids=None uses the
+        checkpoint's stop tokens, [] never stops early."""
+        stops = self.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
+        return generate(self.model, batch, SamplingParams(**sampling), stop_token_ids=stops)
+
+    # ---- one chat turn -----------------------------------------------------------------------
+
+    def _events(self, messages, params: SamplingParams, tools, out: Completion) -> Iterator[str]:
+        enc = self.processor.encode(messages, add_generation_prompt=True, tools=tools)
+        gen = self._prefill(enc, params, out)
+        decoder = self.processor.tokenizer.stream(skip_special_tokens=True)
+        stops = StopStrings(params.stop)
+        out.logprobs = [] if params.logprobs else None
+        for step in gen:
+            token = int(step.tokens[0])
+            out.token_ids.append(token)
+            if out.logprobs is not None:
+                out.logprobs.append(float(step.logprobs[0]))
+            if bool(step.finished[0]):
+                out.finish_reason = "stop"
+            delta = stops.push(decoder.push(token))
+            if stops.stopped:
+                out.finish_reason = "stop"
+                gen.finish(0)
+            if delta:
+                out.text += delta
+                yield delta
+            if stops.stopped:
+                break
+        tail = stops.push(decoder.flush()) + stops.flush()
+        if tail:
+            out.text += tail
+            yield tail
+        fed = gen.cache.length - len(enc.ids)
+        self.session = _Session(enc.ids + out.token_ids[:fed], gen.cache)
+
+    def _prefill(self, enc: Encoding, params: SamplingParams, out: Completion) -> Generator:
+        model, T = self.model, len(enc.ids)
+        ids = torch.tensor([enc.ids])
+        P = self._reusable_prefix(enc.ids)
+        cache = self._cache_for(T + params.max_new_tokens, P)
+        grids = {k: [v.grid_thw for v in enc.visuals if v.kind == k] for k in ("image", "video")}
+        pos, deltas = model.positions(
+            ids, None, *(torch.tensor(g) if g else None for g in (grids["image"], grids["video"]))
+        )
+        feats = self._suffix_features(enc, P)
+        with torch.inference_mode():
+            x = model.embed(ids[:, P:], feats["image"], feats["video"])
+            res = model(
+                ids[:, P:],
+                position_ids=pos[:, :, P:],
+                kv_cache=cache,
+                inputs_embeds=x,
+                logits_to_keep=1,
+            )
+        cache.commit(T - P)
+        out.prompt_tokens, out.cached_tokens = T, P
+        return Generator(
+            model,
+            params,
+            cache=cache,
+            logits=res.logits[:, -1],
+            rope_deltas=deltas,
+            n_real=torch.tensor([T]),
+            stop_token_ids=self.stop_token_ids,
+            prompt_ids=ids,
+            pad_token_id=self.processor.pad_token_id,
+        )
+
+    def _reusable_prefix(self, ids: list[int]) -> int:
+        """How many leading tokens' keys/values the previous turn left in the cache."""
+        if self.session is None:
+            return 0
+        old, P = self.session.ids, 0
+        limit = min(len(old), len(ids) - 1)  # the last prompt token must run to give logits
+        while P < limit and old[P] == ids[P]:
+            P += 1
+        pads = (self.processor.tokenizer.image_pad_id, self.processor.tokenizer.video_pad_id)
+        while 0 < P < len(ids) and ids[P - 1] in pads and ids[P] == ids[P - 1]:
+            P -= 1  # never split a visual item: its features go in whole
+        return P
+
+    def _cache_for(self, capacity: int, keep: int) -> KVCache:
+        old = self.session.cache if self.session else None
+        self.session = None
+        if old is not None and old.capacity >= capacity:
+            old.truncate(keep)
+            return old
+        dtype = self.model.model.embed_tokens.weight.dtype
+        device = self.model.model.embed_tokens.weight.device
+        cache = KVCache(self.model.cfg.text, 1, capacity, dtype=dtype, device=device)
+        if keep:
+            cache.k[:, :, :, :keep] = old.k[:, :, :, :keep]
+            cache.v[:, :, :, :keep] = old.v[:, :, :, :keep]
+            cache.commit(keep)
+        return cache
+
+    def _suffix_features(self, enc: Encoding, P: int) -> dict[str, torch.Tensor | None]:
+        """Vision features of the items whose tokens start at or after position P."""
+        starts, i = [], 0
+        pads = {self.processor.tokenizer.image_pad_id, self.processor.tokenizer.video_pad_id}
+        for v in enc.visuals:
+            while enc.ids[i] not in pads:
+                i += 1
+            starts.append(i)
+            i += v.tokens
+        feats: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
+        for v, start in zip(enc.visuals, starts, strict=True):
+            if start >= P:
+                feats[v.kind].append(self._encode(v.pixel_values, v.grid_thw))
+        return {k: torch.cat(f) if f else None for k, f in feats.items()}
+
+    def _encode(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        key = hashlib.sha1(pixel_values.numpy().tobytes()).hexdigest() + str(grid_thw)
+        if key in self.encoder_cache:
+            self.encoder_cache.move_to_end(key)
+            return self.encoder_cache[key]
+        with torch.inference_mode():
+            feats = self.model.encode_visual(pixel_values, torch.tensor([grid_thw]))
+        self.encoder_cache[key] = feats
+        while len(self.encoder_cache) > self.encoder_cache_items:
+            self.encoder_cache.popitem(last=False)
+        return feats
+
+
+def _generation_eos(path: Path) -> list[int]:
+    """eos_token_id of a checkpoint's generation_config.json (int or list), if any."""
+    try:
+        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        return []
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else [int(e) for e in eos]
