@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -107,9 +108,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(
-    path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
 ) -> Qwen2VL:
-    """Open a Qwen2-VL checkpoint directory (Hugging Face layout) as a ``Qwen2VL`` in eval mode."""
+    """Open a Qwen2-VL checkpoint directory (Hugging Face layout) as a ``Qwen2VL`` in eval mode.
+
+    ``progress(done, total)`` is called after each tensor is placed (the CLI draws a bar).
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -119,11 +126,12 @@ def load_model(
     with torch.device("meta"):
         model = Qwen2VL(cfg)
     check_keys(model, state)
-    state = {
-        k: v.to(device=device, dtype=dtype)
-        for k, v in state.items()
-        if not (k == "lm_head.weight" and cfg.text.tie_word_embeddings)
-    }
+    if cfg.text.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for i, k in enumerate(state, 1):
+        state[k] = state[k].to(device=device, dtype=dtype)
+        if progress is not None:
+            progress(i, len(state))
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.eval()

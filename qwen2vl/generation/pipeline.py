@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,9 +72,11 @@ class Pipeline:
         dtype: str | None = "bfloat16",
         quantize: str | None = None,
         device: str = "cpu",
+        progress: Callable[[int, int], None] | None = None,
         **processor_kwargs: Any,
     ) -> Pipeline:
-        model = load_model(path, dtype=dtype, device=device)
+        """``progress(done, total)`` follows weight loading (see ``load_model``)."""
+        model = load_model(path, dtype=dtype, device=device, progress=progress)
         if quantize == "int8":
             quantize_int8(model)
         elif quantize is not None:

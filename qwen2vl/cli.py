@@ -1,0 +1,216 @@
+"""The command line: the only argv reader. Each command is a thin layer over the Python API.
+
+qwen2vl chat --model DIR [--image PATH]... [--video PATH]... ["question"]
+qwen2vl tokens [--model DIR] [--image PATH]... [--video PATH]... [FILE...]
+qwen2vl bench [...]          (python -m qwen2vl.bench --help)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from qwen2vl.errors import Qwen2VLError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qwen2vl", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _chat_parser(sub.add_parser("chat", help="chat about images and videos (one shot or REPL)"))
+    _tokens_parser(sub.add_parser("tokens", help="what images/videos will cost, before running"))
+    sub.add_parser(
+        "bench", help="benchmark against transformers (see `qwen2vl bench --help`)", add_help=False
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from qwen2vl.bench import main as bench_main
+
+        return bench_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.run(args)
+    except Qwen2VLError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+
+def _chat_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--image", action="append", default=[], help="image path/URL (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video path (repeatable)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 LLM")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--allow-remote-media", action="store_true", help="allow http(s) media")
+    p.add_argument("prompt", nargs="?", help="ask once and exit; without it, an interactive chat")
+    p.set_defaults(run=_chat)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from qwen2vl.generation.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(
+        args.model,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        progress=_progress_bar("loading weights"),
+        allow_remote=args.allow_remote_media,
+    )
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    messages: list[dict[str, Any]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    media = _media_parts(args.image, args.video)
+    if args.prompt is not None:
+        messages.append(
+            {"role": "user", "content": media + [{"type": "text", "text": args.prompt}]}
+        )
+        _answer(pipe, messages, sampling)
+        return 0
+    print(
+        "Interactive chat. /image PATH and /video PATH attach media to your next message; "
+        "/reset starts over; /quit or Ctrl-D ends.",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            messages, media = messages[:1] if args.system else [], []
+        elif line.startswith(("/image ", "/video ")):
+            kind, path = line[1:].split(" ", 1)
+            media += _media_parts(*(([path], []) if kind == "image" else ([], [path])))
+        elif line:
+            messages.append({"role": "user", "content": media + [{"type": "text", "text": line}]})
+            media = []
+            try:
+                messages.append({"role": "assistant", "content": _answer(pipe, messages, sampling)})
+            except Qwen2VLError as e:
+                messages.pop()
+                print(f"error: {e}", file=sys.stderr)
+
+
+def _progress_bar(label: str):
+    def show(done: int, total: int) -> None:
+        if sys.stderr.isatty() or done == total:
+            filled = 30 * done // total
+            end = "\n" if done == total else ""
+            print(
+                f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}",
+                end=end,
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return show
+
+
+def _answer(pipe, messages: list[dict[str, Any]], sampling: dict[str, Any]) -> str:
+    text = ""
+    for delta in pipe.chat(messages, stream=True, **sampling):
+        text += delta
+        print(delta, end="", flush=True)
+    print()
+    return text
+
+
+def _media_parts(images: Sequence[str], videos: Sequence[str]) -> list[dict[str, Any]]:
+    return [{"type": "image", "image": i} for i in images] + [
+        {"type": "video", "video": v} for v in videos
+    ]
+
+
+# ---- tokens ----------------------------------------------------------------------------------
+
+
+def _tokens_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="*", help="images or videos (kind from the file suffix)")
+    p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video path (repeatable)")
+    p.add_argument("--model", default=None, help="checkpoint whose preprocessor settings apply")
+    p.add_argument("--min-pixels", type=int, default=None)
+    p.add_argument("--max-pixels", type=int, default=None)
+    p.add_argument("--fps", type=float, default=None, help="video sampling rate")
+    p.add_argument("--nframes", type=int, default=None, help="video frame count (instead of fps)")
+    p.add_argument("--max-video-tokens", type=int, default=None, help="hard token cap per video")
+    p.set_defaults(run=_tokens)
+
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
+
+
+def _tokens(args: argparse.Namespace) -> int:
+    from qwen2vl.processor import load_processor
+
+    proc = load_processor(args.model)
+    images = list(args.image) + [f for f in args.files if not f.lower().endswith(VIDEO_SUFFIXES)]
+    videos = list(args.video) + [f for f in args.files if f.lower().endswith(VIDEO_SUFFIXES)]
+    if not images and not videos:
+        print("error: give at least one image or video", file=sys.stderr)
+        return 2
+    overrides = {
+        k: v
+        for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels))
+        if v is not None
+    }
+    video_keys = {
+        k: v
+        for k, v in (
+            ("fps", args.fps),
+            ("nframes", args.nframes),
+            ("max_tokens", args.max_video_tokens),
+        )
+        if v is not None
+    }
+    parts = [{"type": "image", "image": i, **overrides} for i in images]
+    parts += [{"type": "video", "video": v, **overrides, **video_keys} for v in videos]
+    plan = proc.plan([{"role": "user", "content": parts}])
+    print(
+        f"{'item':<40} {'size':>11} {'resized':>11} {'grid t×h×w':>12} {'frames':>6} {'tokens':>7}"
+    )
+    for v in plan.visuals:
+        p = v.plan
+        name = str(v.part.get("image") or v.part.get("video"))[-40:]
+        frames = len(p.frame_indices) if v.kind == "video" else 1
+        print(
+            f"{name:<40} {p.width:>5}×{p.height:<5} {p.resized_width:>5}×{p.resized_height:<5} "
+            f"{'×'.join(map(str, v.grid_thw)):>12} {frames:>6} {v.tokens:>7}"
+        )
+        if v.kind == "video":
+            stamps = ", ".join(f"{t:.2f}" for t in p.timestamps[:12])
+            more = " ..." if len(p.timestamps) > 12 else ""
+            capped = " (token cap applied)" if p.capped else ""
+            print(f"    timestamps (s): {stamps}{more}{capped}")
+    limit = f" of {plan.max_model_len}" if plan.max_model_len else ""
+    print(
+        f"prompt tokens: {plan.prompt_tokens}{limit} "
+        f"(visual {plan.prompt_tokens - plan.text_tokens}, text {plan.text_tokens})"
+    )
+    return 0 if plan.fits else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
