@@ -1,0 +1,93 @@
+"""Chat content parts with per-item overrides, the qwen-vl-utils way.
+
+A part looks like {"type": "image", "image": src, "min_pixels": ..., "max_pixels": ...} or
+{"type": "video", "video": src_or_frames, "fps": 1.0, "video_start": 3.0, ...}. `image_url`
+(a string, or OpenAI's {"url": ...}) stands for `image`. Per-item keys override the MediaConfig
+defaults; unknown keys are ignored with a warning, as qwen-vl-utils ignores them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from qwen2vl.errors import MediaError
+from qwen2vl.media.config import MediaConfig
+from qwen2vl.media.image import ImagePlan, plan_image, process_image
+from qwen2vl.media.sampling import VideoPlan
+from qwen2vl.media.video import VideoInput, plan_video, process_video
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+VIDEO_KEYS = IMAGE_KEYS + (
+    "total_pixels",
+    "fps",
+    "nframes",
+    "video_start",
+    "video_end",
+    "min_frames",
+    "max_frames",
+)
+_IGNORED = ("type", "text", "sample_fps", "image", "image_url", "video")
+
+
+def part_kind(part: dict[str, Any]) -> str:
+    """'image' or 'video'."""
+    if "image" in part or "image_url" in part:
+        return "image"
+    if "video" in part:
+        return "video"
+    raise MediaError(f"content part has no image, image_url or video: keys {sorted(part)}")
+
+
+def process_part(
+    part: dict[str, Any],
+    config: MediaConfig | None = None,
+    *,
+    allow_remote: bool = False,
+    allowed_local_dir: str | os.PathLike | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | VideoInput:
+    """`process_image` or `process_video` on a content part, its keys over the config defaults."""
+    kind, source, kwargs = _call_args(part, config or MediaConfig())
+    run = process_image if kind == "image" else process_video
+    return run(source, allow_remote=allow_remote, allowed_local_dir=allowed_local_dir, **kwargs)
+
+
+def plan_part(
+    part: dict[str, Any],
+    config: MediaConfig | None = None,
+    *,
+    allow_remote: bool = False,
+    allowed_local_dir: str | os.PathLike | None = None,
+) -> ImagePlan | VideoPlan:
+    """`plan_image` or `plan_video` on a content part: sizes and tokens without pixels."""
+    kind, source, kwargs = _call_args(part, config or MediaConfig())
+    for name in ("image_mean", "image_std") + (("temporal_patch_size",) if kind == "image" else ()):
+        kwargs.pop(name)
+    run = plan_image if kind == "image" else plan_video
+    return run(source, allow_remote=allow_remote, allowed_local_dir=allowed_local_dir, **kwargs)
+
+
+def _call_args(part: dict[str, Any], config: MediaConfig) -> tuple[str, Any, dict[str, Any]]:
+    kind = part_kind(part)
+    allowed = IMAGE_KEYS if kind == "image" else VIDEO_KEYS
+    unknown = sorted(k for k in part if k not in allowed and k not in _IGNORED)
+    if unknown:
+        logger.warning("ignoring unknown %s part keys %s (known: %s)", kind, unknown, allowed)
+    kwargs = config.image_kwargs() if kind == "image" else config.video_kwargs()
+    kwargs.update({k: part[k] for k in allowed if part.get(k) is not None})
+    if kind == "image":
+        source = part["image"] if "image" in part else part["image_url"]
+        if isinstance(source, dict):
+            source = source.get("url")
+        return kind, source, kwargs
+    if "fps" in kwargs and "nframes" in kwargs:
+        raise MediaError("a video part takes either fps or nframes, not both")
+    source = part["video"]
+    if isinstance(source, (list, tuple)) and part.get("sample_fps") is not None:
+        kwargs["fps"] = part["sample_fps"]  # a frame list's own rate (qwen-vl-utils' sample_fps)
+    return kind, source, kwargs

@@ -1,0 +1,222 @@
+"""Videos to vision patches: plan from metadata, decode only the planned frames, patchify.
+
+A video is a container (path, file:// or data: URI, bytes, or http(s) with allow_remote) decoded
+with PyAV, or a list of frames (anything `load_image` takes) that counts as already sampled at
+`fps` frames per second, as qwen-vl-utils treats frame lists. Frame choice and size follow
+qwen-vl-utils (see `sampling.py`), with a hard cap of `max_tokens` LLM tokens per video. Each
+frame is resized like an image (bicubic PIL; qwen-vl-utils resizes video with torchvision's
+antialiased bicubic, so pixels can differ slightly from it, not sizes or indices).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen2vl.errors import MediaError
+from qwen2vl.media.decode import decode_frames, probe_video
+from qwen2vl.media.patches import CLIP_MEAN, CLIP_STD, normalize_table, patchify
+from qwen2vl.media.resize import resize_rgb
+from qwen2vl.media.sampling import (
+    FPS,
+    FPS_MAX_FRAMES,
+    FPS_MIN_FRAMES,
+    MAX_VIDEO_TOKENS,
+    VIDEO_MAX_PIXELS,
+    VIDEO_MIN_PIXELS,
+    VideoPlan,
+    VideoSettings,
+    plan_frames,
+)
+from qwen2vl.media.source import (
+    MAX_REMOTE_VIDEO_BYTES,
+    ImageSource,
+    load_image,
+    open_image,
+    oriented_size,
+    read_source,
+)
+
+VideoSource = str | os.PathLike | bytes | Sequence[ImageSource]
+
+
+@dataclass(frozen=True, eq=False)
+class VideoInput:
+    """A processed video. Unpacks as `pixel_values, grid_thw = process_video(...)`.
+
+    pixel_values [grid_t*grid_h*grid_w, 3*Tp*P*P] float32; grid_thw LongTensor [3] in patches;
+    timestamps (seconds) and frame_indices of every frame in the patches, padding included;
+    plan holds the sizes, token count and whether the token cap applied.
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    timestamps: tuple[float, ...]
+    frame_indices: tuple[int, ...]
+    plan: VideoPlan
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.pixel_values, self.grid_thw))
+
+
+def plan_video(
+    video: VideoSource,
+    *,
+    fps: float = FPS,
+    nframes: int | None = None,
+    video_start: float | None = None,
+    video_end: float | None = None,
+    min_pixels: int = VIDEO_MIN_PIXELS,
+    max_pixels: int = VIDEO_MAX_PIXELS,
+    total_pixels: int | None = None,
+    max_tokens: int | None = MAX_VIDEO_TOKENS,
+    resized_height: int | None = None,
+    resized_width: int | None = None,
+    min_frames: int = FPS_MIN_FRAMES,
+    max_frames: int = FPS_MAX_FRAMES,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    allow_remote: bool = False,
+    allowed_local_dir: str | os.PathLike | None = None,
+) -> VideoPlan:
+    """Frame indices, timestamps, resized size, grid and token count, from metadata only.
+
+    Takes the same arguments as `process_video` and returns the plan it would follow.
+    """
+    settings = _settings(locals())
+    plan, _ = _plan(video, settings, allow_remote, allowed_local_dir)
+    return plan
+
+
+def process_video(
+    video: VideoSource,
+    *,
+    fps: float = FPS,
+    nframes: int | None = None,
+    video_start: float | None = None,
+    video_end: float | None = None,
+    min_pixels: int = VIDEO_MIN_PIXELS,
+    max_pixels: int = VIDEO_MAX_PIXELS,
+    total_pixels: int | None = None,
+    max_tokens: int | None = MAX_VIDEO_TOKENS,
+    resized_height: int | None = None,
+    resized_width: int | None = None,
+    min_frames: int = FPS_MIN_FRAMES,
+    max_frames: int = FPS_MAX_FRAMES,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    image_mean: tuple[float, ...] = CLIP_MEAN,
+    image_std: tuple[float, ...] = CLIP_STD,
+    allow_remote: bool = False,
+    allowed_local_dir: str | os.PathLike | None = None,
+) -> VideoInput:
+    """A video (container or frame list) -> VideoInput with patches, grid, timestamps and plan.
+
+    fps: frames to sample per second of video (for a frame list: the rate it was sampled at);
+    nframes: a fixed frame count instead (wins over fps); video_start/video_end: seconds.
+    min_pixels/max_pixels/total_pixels: per-frame and whole-video pixel bounds (qwen-vl-utils);
+    max_tokens: hard cap on the video's LLM tokens (None: no cap).
+    """
+    settings = _settings(locals())
+    plan, data = _plan(video, settings, allow_remote, allowed_local_dir)
+    size = (plan.resized_height, plan.resized_width)
+    if isinstance(data, list):
+        frames = _load_listed(data, plan.frame_indices, size, allow_remote, allowed_local_dir)
+    else:
+        decoded = decode_frames(data, list(plan.frame_indices), plan.video_fps, _resizer(size))
+        frames = [decoded[i] for i in plan.frame_indices]
+    pixel_values = patchify(
+        np.stack(frames),
+        normalize_table(tuple(image_mean), tuple(image_std)),
+        patch_size=patch_size,
+        merge_size=merge_size,
+        temporal_patch_size=temporal_patch_size,
+    )
+    return VideoInput(
+        pixel_values=pixel_values,
+        grid_thw=torch.tensor(plan.grid_thw, dtype=torch.long),
+        timestamps=plan.timestamps,
+        frame_indices=plan.frame_indices,
+        plan=plan,
+    )
+
+
+def _settings(arguments: dict[str, Any]) -> VideoSettings:
+    """VideoSettings from a public function's arguments (its locals() before any other name)."""
+    return VideoSettings(**{k: v for k, v in arguments.items() if k in _SETTING_NAMES})
+
+
+_SETTING_NAMES = frozenset(f.name for f in fields(VideoSettings))
+
+
+def _plan(
+    video: VideoSource,
+    settings: VideoSettings,
+    allow_remote: bool,
+    allowed_local_dir: str | os.PathLike | None,
+) -> tuple[VideoPlan, Any]:
+    """(plan, data): data is the frame list, or the container's checked path or bytes."""
+    if isinstance(video, (list, tuple)):
+        if not video:
+            raise MediaError("the frame list is empty")
+        first = open_image(video[0], allow_remote=allow_remote, allowed_local_dir=allowed_local_dir)
+        try:
+            height, width = oriented_size(first)
+        finally:
+            if first is not video[0]:
+                first.close()
+        plan = plan_frames(
+            height=height,
+            width=width,
+            total_frames=len(video),
+            video_fps=settings.fps,
+            settings=settings,
+            presampled=True,
+        )
+        return plan, list(video)
+    data = read_source(
+        video,
+        allow_remote=allow_remote,
+        allowed_local_dir=allowed_local_dir,
+        max_remote_bytes=MAX_REMOTE_VIDEO_BYTES,
+    )
+    meta = probe_video(data)
+    plan = plan_frames(
+        height=meta.height,
+        width=meta.width,
+        total_frames=meta.total_frames,
+        video_fps=meta.fps,
+        settings=settings,
+    )
+    return plan, data
+
+
+def _resizer(size: tuple[int, int]):
+    def convert(frame: Any) -> np.ndarray:  # av.VideoFrame -> [H, W, 3] uint8 at the plan size
+        return np.asarray(resize_rgb(frame.to_image(), *size))
+
+    return convert
+
+
+def _load_listed(
+    frames: list[ImageSource],
+    indices: tuple[int, ...],
+    size: tuple[int, int],
+    allow_remote: bool,
+    allowed_local_dir: str | os.PathLike | None,
+) -> list[np.ndarray]:
+    """The listed frames at `indices`, each loaded, resized to the plan size, loaded once."""
+    loaded: dict[int, np.ndarray] = {}
+    for i in dict.fromkeys(indices):
+        image = load_image(
+            frames[i], allow_remote=allow_remote, allowed_local_dir=allowed_local_dir
+        )
+        loaded[i] = np.asarray(resize_rgb(image, *size))
+    return [loaded[i] for i in indices]
