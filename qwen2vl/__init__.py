@@ -10,6 +10,7 @@ from qwen2vl.errors import (
     TokenizerError,
     ToolCallError,
 )
+from qwen2vl.generation import Completion, Pipeline, SamplingParams
 from qwen2vl.media import (
     MediaConfig,
     load_image,
@@ -27,15 +28,18 @@ from qwen2vl.weights import load_model, save_pretrained
 __all__ = [
     "PRESETS",
     "CheckpointError",
+    "Completion",
     "ConfigError",
     "MediaConfig",
     "MediaError",
     "MessageError",
+    "Pipeline",
     "Processor",
     "Qwen2VL",
     "Qwen2VLConfig",
     "Qwen2VLError",
     "Qwen2VLOutput",
+    "SamplingParams",
     "TextConfig",
     "Tokenizer",
     "TokenizerError",
