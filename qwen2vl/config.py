@@ -214,7 +214,6 @@ class Qwen2VLConfig:
             )
         top = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
         text = {**top, **(d.get("text_config") or {})}
-        _warn_unknown(top, "config", {f.name for f in fields(cls)})
         kwargs = {
             k: d[k]
             for k in (

@@ -128,7 +128,9 @@ class Tokenizer:
             path = Path(checkpoint_dir) / "tokenizer.json"
             if path.is_file():
                 return cls.from_file(path)
-            logger.warning("%s has no tokenizer.json; using the bundled Qwen2-VL tokenizer", path)
+            logger.warning(
+                "%s has no tokenizer.json; using the bundled Qwen2-VL tokenizer", checkpoint_dir
+            )
         return cls.from_file(ASSETS_DIR / "tokenizer.json")
 
     def _require_id(self, token: str) -> int:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen2vl.generation.compute import MIN_ROWS, widened
+
 LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -33,8 +35,11 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-        if fused:
+        rows = x.numel() // self.in_features
+        if rows >= MIN_ROWS and x.device.type == "cpu":  # prefill: compute-bound, see compute.py
+            w = widened(self.weight).mul_(self.scales.float()[:, None])
+            out = F.linear(x.float(), w).to(x.dtype)
+        elif x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
             out = torch._weight_int8pack_mm(
                 x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype)
             ).view(*x.shape[:-1], self.out_features)
