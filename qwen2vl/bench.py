@@ -26,6 +26,7 @@ from PIL import Image
 
 import qwen2vl
 from qwen2vl.config import preset
+from qwen2vl.generation.compute import upcast_matmuls
 from qwen2vl.generation.generate import Generator
 from qwen2vl.generation.quantize import quantize_int8
 from qwen2vl.generation.sampling import SamplingParams
@@ -161,7 +162,7 @@ def peak_rss() -> int:
 def bench_ours(path: Path, batch: dict, args: argparse.Namespace, *, int8: bool) -> dict:
     peak_rss_reset()
     t = time.perf_counter()
-    model = qwen2vl.load_model(path, dtype="bfloat16")
+    model = upcast_matmuls(qwen2vl.load_model(path, dtype="bfloat16"))
     if int8:
         quantize_int8(model)
     load = time.perf_counter() - t
