@@ -38,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--preset", default="2B", choices=["2B", "7B", "72B"])
     p.add_argument("--layers", type=int, default=None, help="LLM layers of the random model")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument(
+        "--image-size", type=int, default=448, help="square image side (448 -> 256 tokens)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="repeats of the timed vision encoder")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--skip-reference", action="store_true", help="qwen2vl only")
@@ -47,17 +50,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"threads {torch.get_num_threads()}; torch {torch.__version__}")
     machine = measure_machine()
     print(
-        f"memory read {machine['bandwidth'] / 1e9:.1f} GB/s; "
-        f"bf16 matmul {machine['bf16_flops'] / 1e9:.0f} GFLOP/s"
+        f"memory read {machine['bandwidth'] / 1e9:.1f} GB/s; matmul bf16 "
+        f"{machine['bf16_flops'] / 1e9:.0f} GFLOP/s, fp32 {machine['fp32_flops'] / 1e9:.0f} GFLOP/s"
     )
     with tempfile.TemporaryDirectory(prefix="qwen2vl-bench-") as tmp:
         path = Path(args.model) if args.model else random_checkpoint(args, Path(tmp))
-        batch = bench_inputs(path)
-        rows = {"qwen2vl bf16": bench_ours(path, batch, args, int8=False)}
-        rows["qwen2vl int8"] = bench_ours(path, batch, args, int8=True)
+        batch = bench_inputs(path, args.image_size)
+        runs = [
+            ("qwen2vl bf16", lambda: bench_ours(path, batch, args, int8=False)),
+            ("qwen2vl int8", lambda: bench_ours(path, batch, args, int8=True)),
+        ]
         if not args.skip_reference:
-            rows["transformers bf16"] = bench_reference(path, batch, args)
-    print_table(rows, machine, bytes_per_token(path))
+            runs.append(("transformers bf16", lambda: bench_reference(path, batch, args)))
+        rows = {}
+        for name, run in runs:
+            rows[name] = run()
+            print(
+                f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in rows[name].items()), flush=True
+            )
+        print_table(rows, machine, bytes_per_token(path))
     return 0
 
 
@@ -68,8 +79,14 @@ def measure_machine() -> dict[str, float]:
     buf = torch.ones(512 * 2**20 // 4)  # 512 MiB, touched so it is really in memory
     read = _best(lambda: buf.sum(), 5)
     a = torch.randn(1024, 1024, dtype=torch.bfloat16)
-    mm = _best(lambda: a @ a, 5)
-    return {"bandwidth": buf.numel() * 4 / read, "bf16_flops": 2 * 1024**3 / mm}
+    mm = _best(lambda: a @ a, 3)
+    f = a.float()
+    mm32 = _best(lambda: f @ f, 3)
+    return {
+        "bandwidth": buf.numel() * 4 / read,
+        "bf16_flops": 2 * 1024**3 / mm,
+        "fp32_flops": 2 * 1024**3 / mm32,
+    }
 
 
 def _best(fn: Callable[[], object], n: int) -> float:
@@ -83,7 +100,8 @@ def _best(fn: Callable[[], object], n: int) -> float:
 
 
 def _median(fn: Callable[[], object], n: int) -> float:
-    fn()
+    if n > 1:  # warm up; single runs of slow steps are timed cold
+        fn()
     times = []
     for _ in range(n):
         t = time.perf_counter()
@@ -114,16 +132,21 @@ def random_checkpoint(args: argparse.Namespace, tmp: Path) -> Path:
     return tmp / "model"
 
 
-def bench_inputs(path: Path) -> dict:
-    """A 448x448 image (-> 256 tokens) and a short question, through our processor."""
+def bench_inputs(path: Path, size: int) -> dict:
+    """A size x size image (448 -> 256 tokens) and a short question, through our processor."""
     rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8))
+    image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
     proc = qwen2vl.load_processor(path)
     messages = [
         {
             "role": "user",
             "content": [
-                {"type": "image", "image": image, "min_pixels": 448 * 448, "max_pixels": 448 * 448},
+                {
+                    "type": "image",
+                    "image": image,
+                    "min_pixels": size * size,
+                    "max_pixels": size * size,
+                },
                 {
                     "type": "text",
                     "text": "Describe this picture in detail, including every object.",
@@ -177,7 +200,7 @@ def bench_ours(path: Path, batch: dict, args: argparse.Namespace, *, int8: bool)
         gen.step()
         return gen
 
-    ttft = _median(first_token, 2)
+    ttft = _median(first_token, 1)
     gen = first_token()
     t = time.perf_counter()
     for _ in gen:
@@ -211,7 +234,7 @@ def bench_reference(path: Path, batch: dict, args: argparse.Namespace) -> dict:
         def run(n):
             return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-        ttft = _median(lambda: run(1), 2)
+        ttft = _median(lambda: run(1), 1)
         t = time.perf_counter()
         run(args.new_tokens)
         total = time.perf_counter() - t

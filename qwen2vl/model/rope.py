@@ -11,6 +11,8 @@ section rotates by the temporal id, the second by the height id, the third by th
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from qwen2vl.errors import Qwen2VLError
@@ -178,12 +180,15 @@ def mrope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, section: list[int], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [3, B, T] -> cos, sin [B, T, head_dim] with each frequency band on its own axis."""
-    freqs = positions[..., None].float() * inv_freq(
-        head_dim, theta, positions.device
-    )  # [3,B,T,D/2]
-    axis = torch.repeat_interleave(
-        torch.arange(3, device=positions.device), torch.tensor(section, device=positions.device)
-    )  # [D/2]
-    freqs = freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)
+    axis, freq = _mrope_tables(head_dim, theta, tuple(section), str(positions.device))
+    pos = positions.index_select(0, axis).permute(1, 2, 0)  # [B, T, D/2]: the axis of each freq
+    freqs = pos.float() * freq
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@lru_cache(maxsize=16)
+def _mrope_tables(head_dim: int, theta: float, section: tuple[int, ...], device: str):
+    """Which position axis each rotary frequency follows [D/2], and the frequencies [D/2]."""
+    axis = torch.repeat_interleave(torch.arange(3), torch.tensor(section)).to(device)
+    return axis, inv_freq(head_dim, theta, torch.device(device))
