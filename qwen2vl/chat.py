@@ -364,6 +364,47 @@ def render_ids(
     return ids, _locate_visuals(ids, visual_parts(messages), tokenizer)
 
 
+def render_training_ids(
+    messages: Sequence[Mapping[str, Any]],
+    tokenizer: Tokenizer,
+    *,
+    add_vision_id: bool = False,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    template: str | None = None,
+) -> tuple[list[int], list[VisualItem], list[bool]]:
+    """`render_ids` of a whole conversation plus, per id, whether the model is trained to write
+    it: each assistant message's tokens after its `<|im_start|>assistant\\n` header, through its
+    `<|im_end|>` (not the newline after it). Visual tokens inside an assistant turn are marked too;
+    the caller masks them.
+
+    Template-agnostic: the ids of messages[:i] with the generation prompt are a prefix of the
+    full ids, and assistant message i owns what follows up to the next `<|im_end|>`. Only the
+    prompt's last token may differ (BPE can merge its trailing newline with the answer's start).
+    MessageError when a template renders earlier turns differently once later ones exist.
+    """
+    messages = validate_messages(messages)
+    options = dict(add_vision_id=add_vision_id, tools=tools, template=template)
+    ids, visuals = render_ids(messages, tokenizer, add_generation_prompt=False, **options)
+    mask = [False] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        # An assistant-first conversation gets the default system turn, as the template adds it.
+        head = list(messages[:i]) or [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}]
+        prompt, _ = render_ids(head, tokenizer, add_generation_prompt=True, **options)
+        start = 0
+        while start < min(len(prompt), len(ids)) and prompt[start] == ids[start]:
+            start += 1
+        if start < len(prompt) - 1 or tokenizer.im_end_id not in ids[start:]:
+            raise MessageError(
+                f"messages[{i}]: the chat template does not render the conversation before this "
+                "assistant turn as a prefix of the whole; cannot tell which tokens it wrote"
+            )
+        end = ids.index(tokenizer.im_end_id, start)
+        mask[start : end + 1] = [True] * (end + 1 - start)
+    return ids, visuals, mask
+
+
 def _locate_visuals(
     ids: list[int], parts: list[tuple[str, Mapping[str, Any]]], tokenizer: Tokenizer
 ) -> list[VisualItem]:

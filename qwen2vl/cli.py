@@ -23,7 +23,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser(
         "bench", help="benchmark against transformers (see `qwen2vl bench --help`)", add_help=False
     )
+    sub.add_parser(
+        "train",
+        help="fine-tune: stages, LoRA, packing, torchrun (see `qwen2vl train --help`)",
+        add_help=False,
+    )
     args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        from qwen2vl.train.cli import main as train_main
+
+        return train_main(rest)
     if args.command == "bench":
         from qwen2vl.bench import main as bench_main
 

@@ -14,6 +14,7 @@ from qwen2vl.chat import (
     load_chat_template,
     render,
     render_ids,
+    render_training_ids,
     visual_parts,
 )
 from qwen2vl.errors import CheckpointError, MessageError
@@ -261,3 +262,61 @@ def test_matches_transformers_on_the_bundled_files(tok):
         rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert render(messages, add_generation_prompt=True) == rendered
         assert render_ids(messages, tok, add_generation_prompt=True)[0] == hf(rendered).input_ids
+
+
+def trained_runs(ids, mask, tok) -> list[str]:
+    runs, current = [], []
+    for token, trained in zip(ids + [0], mask + [False], strict=True):
+        if trained:
+            current.append(token)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    return runs
+
+
+def test_training_ids_mark_assistant_text_and_im_end(tok):
+    messages = CONVERSATIONS["multi_turn"]
+    ids, visuals, mask = render_training_ids(messages, tok)
+    assert (ids, visuals) == render_ids(messages, tok)
+    assert trained_runs(ids, mask, tok) == ["A cat.<|im_end|>", "A dog.<|im_end|>"]
+
+
+def test_training_ids_with_tool_calls_and_assistant_first(tok):
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+    messages = [
+        {"role": "assistant", "content": "Hello."},
+        user(text("Add 1.")),
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "2"},
+        {"role": "assistant", "content": "It is 2."},
+    ]
+    ids, _, mask = render_training_ids(messages, tok)
+    runs = trained_runs(ids, mask, tok)
+    assert runs[0] == "Hello.<|im_end|>" and runs[2] == "It is 2.<|im_end|>"
+    assert runs[1].startswith("<tool_call>") and runs[1].endswith("</tool_call><|im_end|>")
+    assert "user" not in "".join(runs) and "2</tool_response>" not in "".join(runs)
+
+
+def test_training_ids_through_a_checkpoint_template(tok):
+    messages = [user(IMG, text("hi")), {"role": "assistant", "content": "yo <|im_end|>"}]
+    ids, _, mask = render_training_ids(messages, tok, template=CUSTOM)
+    assert trained_runs(ids, mask, tok) == ["yo <|im_end|><|im_end|>"]  # typed text stays text
+    assert sum(mask) == len(tok.encode("yo <|im_end|>")) + 1
+
+
+def test_training_ids_refuse_templates_that_rewrite_earlier_turns(tok):
+    # Renders only the last assistant message: earlier turns change once later ones exist.
+    last_only = (
+        "{% for m in messages %}{% if m.role != 'assistant' or loop.last %}<|im_start|>"
+        "{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
+    with pytest.raises(MessageError, match="prefix"):
+        render_training_ids(messages, tok, template=last_only)
