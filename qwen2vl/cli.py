@@ -20,6 +20,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _chat_parser(sub.add_parser("chat", help="chat about images and videos (one shot or REPL)"))
     _tokens_parser(sub.add_parser("tokens", help="what images/videos will cost, before running"))
+    from qwen2vl.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     sub.add_parser(
         "bench", help="benchmark against transformers (see `qwen2vl bench --help`)", add_help=False
     )

@@ -1,0 +1,164 @@
+"""`qwen2vl serve`: arguments, model loading, and uvicorn.
+
+    qwen2vl serve --model DIR [--host 127.0.0.1 --port 8000 --api-key KEY --max-num-seqs 8
+                  --limit-mm-per-prompt image=8,video=2 --allowed-local-media-path DIR
+                  --allow-remote-media --max-model-len N ...]
+
+Wired into the main CLI with ``add_parser(subparsers)`` (it sets ``run``); ``main(argv)`` runs it
+on its own (``python -m qwen2vl.serve.cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MAX_MODEL_LEN = 8192  # the KV slots are preallocated: slots x 1.5 x this many tokens
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page"
+    )
+    configure(p)
+    return p
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("QWEN2VL_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $QWEN2VL_API_KEY)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the name clients send as 'model' (default: the directory's name)",
+    )
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 LLM")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help=f"prompt + completion tokens (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})",
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting for a slot before 429"
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="prompt tokens per prefill step between decode steps",
+    )
+    p.add_argument(
+        "--limit-mm-per-prompt",
+        type=_limits,
+        default={"image": 8, "video": 2},
+        help="media per prompt, e.g. image=8,video=2 (or JSON)",
+    )
+    p.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        help="serve image/video file paths and file:// URLs under this directory",
+    )
+    p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413)")
+    p.add_argument("--encoder-cache-items", type=int, default=64, help="vision features kept")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
+    p.set_defaults(run=run)
+
+
+def _limits(text: str) -> dict[str, int]:
+    try:
+        pairs = (
+            json.loads(text)
+            if text.strip().startswith("{")
+            else dict(item.split("=", 1) for item in text.split(",") if item.strip())
+        )
+        limits = {k.strip(): int(v) for k, v in pairs.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise argparse.ArgumentTypeError(f"expected image=N,video=M, got {text!r}") from e
+    unknown = set(limits) - {"image", "video"}
+    if unknown or any(v < 0 for v in limits.values()):
+        raise argparse.ArgumentTypeError(f"expected image=N,video=M (N, M >= 0), got {text!r}")
+    return {"image": 8, "video": 2} | limits
+
+
+def build_app(args: argparse.Namespace):
+    """Load the model and return the FastAPI app (the engine starts with the app)."""
+    from qwen2vl.config import Qwen2VLConfig
+    from qwen2vl.generation.quantize import quantize_int8
+    from qwen2vl.processor import load_processor
+    from qwen2vl.serve.app import ServerConfig, create_app
+    from qwen2vl.serve.engine import Engine, EngineConfig
+    from qwen2vl.serve.prepare import Limits, generation_config
+    from qwen2vl.weights import load_model
+
+    path = Path(args.model)
+    defaults, eos = generation_config(path)
+    native = Qwen2VLConfig.from_file(path / "config.json").text.max_position_embeddings
+    max_len = args.max_model_len or min(native, DEFAULT_MAX_MODEL_LEN)
+    model = load_model(path, dtype=args.dtype)
+    if args.quantize == "int8":
+        quantize_int8(model)
+    processor = load_processor(
+        path,
+        allow_remote=args.allow_remote_media,
+        allowed_local_dir=args.allowed_local_media_path,
+        max_model_len=max_len,
+    )
+    engine = Engine(
+        model,
+        processor,
+        EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=max_len,
+            max_queue=args.max_queue,
+            prefill_chunk=args.prefill_chunk,
+            encoder_cache_items=args.encoder_cache_items,
+        ),
+        stop_token_ids=eos,
+    )
+    limits = args.limit_mm_per_prompt
+    config = ServerConfig(
+        model_name=args.served_model_name or path.resolve().name,
+        aliases=(args.model, str(path.resolve())),
+        limits=Limits(max_len, limits["image"], limits["video"], args.request_timeout),
+        api_key=args.api_key,
+        defaults=defaults,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+    )
+    return create_app(engine, config)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    app = build_app(args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qwen2vl serve", description=__doc__.split("\n\n")[0])
+    configure(parser)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,383 @@
+"""The serving engine: a scheduler thread that owns the model and runs continuous batching.
+
+Letters: B batch, T tokens, V vocabulary, L layers, K key/value heads, P prompt tokens.
+
+Each scheduler iteration (``step``) does, in order:
+1. drop cancelled or timed-out requests, freeing their slot at once;
+2. prefill work worth at most one chunk of ``prefill_chunk`` tokens, one request at a time
+   (B=1, into a private cache): encode one image or video (through the encoder cache; counts as
+   a whole chunk), or run prompt tokens; a prompt that is done moves its keys/values into a free
+   slot of the ``SlotCache`` and joins the batch, and what is left of the budget goes to the
+   next waiting request (so a burst of short prompts is admitted in one step);
+3. one decode step for every running sequence: each picks a token from its pending logits and
+   reports it; finished rows leave; the rest are fed together (B = running rows).
+So new requests delay the running streams by at most one chunk of prefill per token.
+
+Decode positions follow generation/generate.py: the n-th real token of a sequence sits at
+M-RoPE position n + rope_delta; a generated placeholder token is embedded as plain text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from qwen2vl.generation.kv_cache import KVCache
+from qwen2vl.model.qwen2vl import Qwen2VL
+from qwen2vl.processor import Processor
+from qwen2vl.serve.metrics import Metrics
+from qwen2vl.serve.sequence import Event, Request, Sequence, TokenLogprob
+from qwen2vl.serve.slots import SlotCache
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the client should retry later."""
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 8  # KV slots: sequences decoded together
+    max_model_len: int = 4096  # prompt + generated tokens of one sequence
+    max_queue: int = 64  # requests waiting for a slot before new ones are refused
+    prefill_chunk: int = 256  # prompt tokens per prefill forward
+    encoder_cache_items: int = 64  # vision features kept (LRU)
+    kv_slack: int | None = None  # extra slot columns; None = max_model_len // 2 (see slots.py)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_model_len", "max_queue", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def visual_key(pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> str:
+    """Encoder-cache key: the pixels follow from the media bytes and the resize settings."""
+    return hashlib.sha1(pixel_values.numpy().tobytes()).hexdigest() + str(tuple(grid_thw))
+
+
+class _Prefill:
+    """The request being admitted: its visual features, then its prompt chunk by chunk."""
+
+    def __init__(self, seq: Sequence):
+        self.seq = seq
+        self.feats: list[torch.Tensor] = []
+        self.cache: KVCache | None = None
+        self.positions: torch.Tensor | None = None  # [3, 1, P] M-RoPE positions
+        self.delta: torch.Tensor | None = None  # [1] rope delta
+        self.embeds: torch.Tensor | None = None  # [1, P, E] with the visual features in
+        self.done = 0  # prompt tokens prefilled
+        self.logits: torch.Tensor | None = None  # [V] after the last chunk
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.seq.request.ids)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Qwen2VL,
+        processor: Processor,
+        config: EngineConfig | None = None,
+        *,
+        stop_token_ids: list[int] | None = None,
+        metrics: Metrics | None = None,
+    ):
+        self.model, self.processor = model, processor
+        self.config = config = config or EngineConfig()
+        self.metrics = metrics or Metrics()
+        tok = processor.tokenizer
+        self.stop_token_ids = sorted(set(stop_token_ids or []) | set(tok.stop_ids))
+        weight = model.model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        slack = config.max_model_len // 2 if config.kv_slack is None else config.kv_slack
+        self.cache = SlotCache(
+            model.cfg.text,
+            config.max_num_seqs,
+            config.max_model_len + max(slack, 1),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.vocab = model.cfg.text.vocab_size
+        self.next_logits = torch.zeros(config.max_num_seqs, self.vocab, device=self.device)
+        self.rows: list[Sequence] = []  # rows[i] runs in slot row i
+        self.prefill: _Prefill | None = None
+        self.waiting: deque[Sequence] = deque()
+        self.encoder_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- the thread-safe surface -------------------------------------------------------------
+
+    def submit(self, request: Request, on_event: Callable[[Event], None]) -> Sequence:
+        """Queue a request; events arrive through on_event (called on the engine thread)."""
+        need = len(request.ids) + request.params.max_new_tokens
+        if need > self.config.max_model_len:
+            raise ValueError(
+                f"prompt ({len(request.ids)} tokens) + max_tokens "
+                f"({request.params.max_new_tokens}) exceeds the model length "
+                f"{self.config.max_model_len}"
+            )
+        seq = Sequence(
+            request,
+            on_event,
+            tokenizer=self.processor.tokenizer,
+            stop_token_ids=self.stop_token_ids,
+            vocab_size=self.vocab,
+        )
+        with self.cond:
+            if len(self.waiting) >= self.config.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(seq)
+            self.cond.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence (client gone); its slot is freed at the next scheduler step."""
+        seq.cancelled = True
+        with self.cond:
+            self.cond.notify()
+
+    def stats(self) -> dict[str, int]:
+        running = len(self.rows) + (self.prefill is not None)
+        return {
+            "waiting": len(self.waiting),
+            "running": running,
+            "free_slots": self.config.max_num_seqs - len(self.rows),
+            "encoder_cache_items": len(self.encoder_cache),
+        }
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="qwen2vl-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self._stopping = True
+            self.cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for seq in [*self.rows, *self.waiting] + ([self.prefill.seq] if self.prefill else []):
+            seq.finish("cancelled", "server shutting down")
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not (self._stopping or self.waiting or self.rows or self.prefill):
+                    self.cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # never let one bad step kill the server
+                logger.exception("engine step failed; failing the sequences in flight")
+                self._fail_all("internal error in the engine")
+
+    # ---- one scheduler iteration -------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduler iteration (the engine thread calls it; tests may call it directly)."""
+        now = time.monotonic()
+        self._drop_waiting(now)
+        self._drop_running(now)
+        self._prefill_unit()
+        if self.rows:
+            self._decode()
+
+    def _drop_waiting(self, now: float) -> None:
+        with self.cond:
+            gone = [s for s in self.waiting if s.cancelled or s.expired(now)]
+            for seq in gone:
+                self.waiting.remove(seq)
+        for seq in gone:
+            self._end(seq, *_why_dropped(seq))
+
+    def _drop_running(self, now: float) -> None:
+        for seq in [s for s in self.rows if s.cancelled or s.expired(now)]:
+            self._release(seq)
+            self._end(seq, *_why_dropped(seq))
+        p = self.prefill
+        if p is not None and (p.seq.cancelled or p.seq.expired(now)):
+            self.prefill = None
+            self._end(p.seq, *_why_dropped(p.seq))
+
+    def _end(self, seq: Sequence, reason: str, message: str = "") -> None:
+        seq.finish(reason, message)
+        self.metrics.finished(reason)
+
+    def _fail_all(self, message: str) -> None:
+        for seq in list(self.rows):
+            self._release(seq)
+            self._end(seq, "error", message)
+        if self.prefill is not None:
+            seq, self.prefill = self.prefill.seq, None
+            self._end(seq, "error", message)
+
+    # ---- prefill -----------------------------------------------------------------------------
+
+    def _prefill_unit(self) -> None:
+        """Prefill work worth at most one chunk of tokens (a visual item counts as a whole
+        chunk): one long prompt advances a chunk, or several short ones are admitted."""
+        budget = self.config.prefill_chunk
+        while budget > 0:
+            if self.prefill is None:
+                with self.cond:
+                    if not self.waiting or len(self.rows) >= self.config.max_num_seqs:
+                        return
+                    self.prefill = _Prefill(self.waiting.popleft())
+            p = self.prefill
+            try:
+                budget -= self._advance(p, budget)
+            except Exception as e:  # a bad request must not take the others down
+                logger.exception("prefill failed for request %d", p.seq.id)
+                self.prefill = None
+                self._end(p.seq, "error", f"prefill failed: {e}")
+                return
+            if p.complete:
+                self.prefill = None
+                self._admit(p)
+
+    def _advance(self, p: _Prefill, budget: int) -> int:
+        """Encode the next visual item, or prefill up to ``budget`` more prompt tokens; returns
+        the budget used."""
+        req = p.seq.request
+        if len(p.feats) < len(req.visuals):
+            i = len(p.feats)
+            key = req.visual_keys[i] if i < len(req.visual_keys) else None
+            p.feats.append(self._encode(req.visuals[i], key))
+            return self.config.prefill_chunk
+        ids = torch.tensor([req.ids], device=self.device)  # [1, P]
+        if p.cache is None:
+            self._start_prompt(p, ids)
+        a, b = p.done, min(p.done + budget, len(req.ids))
+        out = self.model(
+            ids[:, a:b],
+            position_ids=p.positions[:, :, a:b],
+            kv_cache=p.cache,
+            inputs_embeds=p.embeds[:, a:b],
+            logits_to_keep=1,
+        )
+        p.cache.commit(b - a)
+        p.done = b
+        p.logits = out.logits[0, -1].float()
+        self.metrics.prompt_tokens(b - a)
+        return b - a
+
+    def _start_prompt(self, p: _Prefill, ids: torch.Tensor) -> None:
+        """Positions, embeddings (visual features scattered in) and a private cache."""
+        visuals = p.seq.request.visuals
+        cfg = self.model.cfg.text
+        p.cache = KVCache(cfg, 1, ids.shape[1], dtype=self.dtype, device=self.device)
+        grids, feats = {}, {}
+        for kind in ("image", "video"):
+            mine = [(f, v) for f, v in zip(p.feats, visuals, strict=True) if v.kind == kind]
+            grids[kind] = torch.tensor([v.grid_thw for _, v in mine]) if mine else None
+            feats[kind] = torch.cat([f for f, _ in mine]) if mine else None
+        p.positions, p.delta = self.model.positions(ids, None, grids["image"], grids["video"])
+        p.embeds = self.model.embed(ids, feats["image"], feats["video"])  # [1, P, E]
+
+    def _encode(self, visual, key: str | None) -> torch.Tensor:
+        key = key or visual_key(visual.pixel_values, visual.grid_thw)
+        if key in self.encoder_cache:
+            self.encoder_cache.move_to_end(key)
+            self.metrics.encoder_cache(hit=True)
+            return self.encoder_cache[key]
+        pixels = visual.pixel_values.to(self.device)
+        feats = self.model.encode_visual(pixels, torch.tensor([visual.grid_thw]))
+        self.encoder_cache[key] = feats
+        while len(self.encoder_cache) > self.config.encoder_cache_items:
+            self.encoder_cache.popitem(last=False)
+        self.metrics.encoder_cache(hit=False)
+        return feats
+
+    def _admit(self, p: _Prefill) -> None:
+        seq, P = p.seq, p.done
+        row = self.cache.add(p.cache.k[:, 0, :, :P], p.cache.v[:, 0, :, :P])
+        seq.row = row
+        seq.next_pos = P + int(p.delta[0])
+        self.next_logits[row] = p.logits
+        self.rows.append(seq)
+        assert len(self.rows) == self.cache.n and self.rows[row] is seq
+
+    def _release(self, seq: Sequence) -> None:
+        row = seq.row
+        moved = self.cache.remove(row)
+        if moved is not None:
+            self.rows[row] = self.rows[moved]
+            self.rows[row].row = row
+            self.next_logits[row] = self.next_logits[moved]
+        self.rows.pop()
+        seq.row = None
+
+    # ---- decode ------------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        n = len(self.rows)
+        logits = self.next_logits[:n]  # [n, V]
+        greedy = logits.argmax(-1).tolist()
+        logp = logits.log_softmax(-1) if any(s.params.logprobs for s in self.rows) else None
+        ended = []
+        for row, seq in enumerate(self.rows):
+            token = seq.choose(logits[row], greedy[row])
+            lp = None
+            if seq.params.logprobs:
+                lp = _token_logprob(logp[row], token, seq.request.top_logprobs)
+            reason = seq.emit_token(token, lp)
+            if seq.generated == 1:
+                self.metrics.first_token(seq.first_token_at - seq.submitted)
+            if reason is not None:
+                ended.append((seq, reason))
+        self.metrics.generated(n)
+        for seq, reason in ended:
+            self._release(seq)
+            self._end(seq, reason)
+        if self.rows:
+            self._feed()
+
+    def _feed(self) -> None:
+        n = len(self.rows)
+        tokens = torch.tensor([[s.last_token] for s in self.rows], device=self.device)  # [n, 1]
+        pos = torch.tensor([s.next_pos for s in self.rows], device=self.device)
+        mask = self.cache.begin_step()  # [n, S]
+        # Embedded directly: a generated placeholder token is plain text, not a visual slot.
+        x = self.model.model.embed_tokens(tokens)
+        out = self.model(
+            tokens, mask, position_ids=pos.view(1, n, 1).expand(3, n, 1), kv_cache=self.cache,
+            inputs_embeds=x,
+        )  # fmt: skip
+        self.cache.end_step()
+        self.next_logits[:n] = out.logits[:, -1].float()
+        for seq in self.rows:
+            seq.next_pos += 1
+
+
+def _token_logprob(logp: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """logp [V]: the model's log-probabilities (before penalties and temperature)."""
+    out = TokenLogprob(token, float(logp[token]))
+    if top:
+        values, ids = logp.topk(top)
+        out.top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return out
+
+
+def _why_dropped(seq: Sequence) -> tuple[str, str]:
+    if seq.cancelled:
+        return "cancelled", "the request was cancelled"
+    timeout = seq.request.timeout_s
+    return "timeout", f"the request did not finish within its timeout of {timeout} s"
