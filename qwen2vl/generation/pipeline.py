@@ -30,7 +30,7 @@ from qwen2vl.generation.quantize import quantize_int8
 from qwen2vl.generation.sampling import SamplingParams
 from qwen2vl.generation.stop import StopStrings
 from qwen2vl.model.qwen2vl import Qwen2VL
-from qwen2vl.processor import Encoding, Processor, load_processor
+from qwen2vl.processor import Encoding, Processor, VisualEncoding, load_processor
 from qwen2vl.weights import load_model
 
 
@@ -48,6 +48,7 @@ class Completion:
 class _Session:
     ids: list[int]  # tokens whose keys/values sit in the cache, in order
     cache: KVCache
+    visuals: dict[int, str]  # first token of each visual item -> its content key
 
 
 class Pipeline:
@@ -155,12 +156,13 @@ class Pipeline:
             out.text += tail
             yield tail
         fed = gen.cache.length - len(enc.ids)
-        self.session = _Session(enc.ids + out.token_ids[:fed], gen.cache)
+        keys = dict(zip(self._starts(enc), map(_content_key, enc.visuals), strict=True))
+        self.session = _Session(enc.ids + out.token_ids[:fed], gen.cache, keys)
 
     def _prefill(self, enc: Encoding, params: SamplingParams, out: Completion) -> Generator:
         model, T = self.model, len(enc.ids)
         ids = torch.tensor([enc.ids])
-        P = self._reusable_prefix(enc.ids)
+        P = self._reusable_prefix(enc)
         cache = self._cache_for(T + params.max_new_tokens, P)
         grids = {k: [v.grid_thw for v in enc.visuals if v.kind == k] for k in ("image", "video")}
         pos, deltas = model.positions(
@@ -190,18 +192,35 @@ class Pipeline:
             pad_token_id=self.processor.pad_token_id,
         )
 
-    def _reusable_prefix(self, ids: list[int]) -> int:
+    def _reusable_prefix(self, enc: Encoding) -> int:
         """How many leading tokens' keys/values the previous turn left in the cache."""
         if self.session is None:
             return 0
-        old, P = self.session.ids, 0
+        ids, old, P = enc.ids, self.session.ids, 0
         limit = min(len(old), len(ids) - 1)  # the last prompt token must run to give logits
         while P < limit and old[P] == ids[P]:
             P += 1
+        # Placeholder ids say nothing about the pixels: a different image of the same size
+        # matches token for token, so each visual item in the prefix must be the same content.
+        for start, v in zip(self._starts(enc), enc.visuals, strict=True):
+            if start < P and self.session.visuals.get(start) != _content_key(v):
+                P = start
+                break
         pads = (self.processor.tokenizer.image_pad_id, self.processor.tokenizer.video_pad_id)
         while 0 < P < len(ids) and ids[P - 1] in pads and ids[P] == ids[P - 1]:
             P -= 1  # never split a visual item: its features go in whole
         return P
+
+    def _starts(self, enc: Encoding) -> list[int]:
+        """Index of the first placeholder token of each visual item."""
+        starts, i = [], 0
+        pads = {self.processor.tokenizer.image_pad_id, self.processor.tokenizer.video_pad_id}
+        for v in enc.visuals:
+            while enc.ids[i] not in pads:
+                i += 1
+            starts.append(i)
+            i += v.tokens
+        return starts
 
     def _cache_for(self, capacity: int, keep: int) -> KVCache:
         old = self.session.cache if self.session else None
@@ -220,30 +239,29 @@ class Pipeline:
 
     def _suffix_features(self, enc: Encoding, P: int) -> dict[str, torch.Tensor | None]:
         """Vision features of the items whose tokens start at or after position P."""
-        starts, i = [], 0
-        pads = {self.processor.tokenizer.image_pad_id, self.processor.tokenizer.video_pad_id}
-        for v in enc.visuals:
-            while enc.ids[i] not in pads:
-                i += 1
-            starts.append(i)
-            i += v.tokens
+        starts = self._starts(enc)
         feats: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
         for v, start in zip(enc.visuals, starts, strict=True):
             if start >= P:
-                feats[v.kind].append(self._encode(v.pixel_values, v.grid_thw))
+                feats[v.kind].append(self._encode(v))
         return {k: torch.cat(f) if f else None for k, f in feats.items()}
 
-    def _encode(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
-        key = hashlib.sha1(pixel_values.numpy().tobytes()).hexdigest() + str(grid_thw)
+    def _encode(self, v: VisualEncoding) -> torch.Tensor:
+        key = _content_key(v)
         if key in self.encoder_cache:
             self.encoder_cache.move_to_end(key)
             return self.encoder_cache[key]
         with torch.inference_mode():
-            feats = self.model.encode_visual(pixel_values, torch.tensor([grid_thw]))
+            feats = self.model.encode_visual(v.pixel_values, torch.tensor([v.grid_thw]))
         self.encoder_cache[key] = feats
         while len(self.encoder_cache) > self.encoder_cache_items:
             self.encoder_cache.popitem(last=False)
         return feats
+
+
+def _content_key(v: VisualEncoding) -> str:
+    """Same pixels and grid (same bytes, same resize settings) give the same features."""
+    return hashlib.sha1(v.pixel_values.numpy().tobytes()).hexdigest() + str(v.grid_thw)
 
 
 def _generation_eos(path: Path) -> list[int]:

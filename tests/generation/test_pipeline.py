@@ -125,3 +125,22 @@ def test_kv_cache_is_reused_in_place_when_large_enough(ckpt, picture):
     cache = pipe.session.cache
     pipe.complete(ask(picture, "Again?"), max_new_tokens=4)
     assert pipe.session.cache is cache
+
+
+def test_a_different_image_with_the_same_token_count_is_not_taken_from_the_cache(ckpt, tmp_path):
+    paths = []
+    for seed in (1, 2):
+        path = tmp_path / f"{seed}.png"
+        rng = np.random.default_rng(seed)
+        Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    pipe = Pipeline.from_pretrained(ckpt, dtype="float32")
+    pipe.complete(ask(paths[0]), max_new_tokens=4)
+    again = pipe.complete(ask(paths[1]), max_new_tokens=8)
+    fresh = Pipeline.from_pretrained(ckpt, dtype="float32").complete(
+        ask(paths[1]), max_new_tokens=8
+    )
+    assert again.token_ids == fresh.token_ids
+    pads = pipe.processor.tokenizer.image_pad_id
+    first_pad = pipe.processor(ask(paths[1]))["input_ids"][0].tolist().index(pads)
+    assert again.cached_tokens == first_pad  # the shared text before the image is still reused
