@@ -5,8 +5,8 @@ so a prefill or a vision encoder in bf16 is compute-bound far below what the mac
 swap below keeps the weights in their storage dtype (memory and decode bandwidth unchanged) and
 runs every matmul with many rows in float32: the weight is widened into a reused workspace (a
 fresh buffer per call would page-fault on every use), multiplied, and the result cast back.
-Matmuls of 1-4 rows (decode) are memory-bound: they go to the AVX2 kernel in gemv.py (bf16 widened
-in registers, each weight byte read once), or PyTorch's kernel when that is unavailable.
+Matmuls with few rows (decode) stay in the storage dtype: they are memory-bound, PyTorch's bf16
+GEMV already streams near the memory bandwidth, and widening would triple the bytes moved.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen2vl.generation import gemv
 from qwen2vl.model.vision import PatchEmbed
 
 MIN_ROWS = 64  # below this the bf16 kernel wins (measured on a 2-core AVX2 machine)
@@ -39,11 +38,6 @@ def _rows(x: torch.Tensor) -> int:
 class UpcastLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
-        if rows <= gemv.MAX_ROWS and self.weight.dtype == torch.bfloat16 and gemv.available():
-            y = gemv.gemv_bf16(x.reshape(rows, -1).float(), self.weight)
-            if self.bias is not None:
-                y += self.bias.float()
-            return y.to(x.dtype).view(*x.shape[:-1], -1)
         if rows < MIN_ROWS or x.dtype == torch.float32:
             return super().forward(x)
         bias = None if self.bias is None else self.bias.float()

@@ -1,10 +1,10 @@
 """Weight-only int8 quantisation as a module swap after construction.
 
 Each output channel of a Linear weight [N, K] gets one scale = max|w| / 127; weights are stored as
-int8 and multiplied on the fly. Decode rows (1-4) on CPU go to the AVX2 kernel in gemv.py, which
-reads the int8 weights directly (half the bytes of bf16: decode speed is bound by those bytes);
-without it, PyTorch's fused ``_weight_int8pack_mm``; prefill-sized inputs dequantise into float32
-(compute.py); elsewhere the weight is dequantised per call.
+int8 and multiplied on the fly. Decode rows on CPU use PyTorch's fused ``_weight_int8pack_mm``,
+which reads the int8 weights directly (half the bytes of bf16: decode speed is bound by those
+bytes); prefill-sized inputs dequantise into float32 (compute.py); elsewhere the weight is
+dequantised per call.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen2vl.generation import gemv
 from qwen2vl.generation.compute import MIN_ROWS, widened
 
 LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,9 +40,6 @@ class Int8Linear(nn.Module):
         if rows >= MIN_ROWS and x.device.type == "cpu":  # prefill: compute-bound, see compute.py
             w = widened(self.weight).mul_(self.scales.float()[:, None])
             out = F.linear(x.float(), w).to(x.dtype)
-        elif rows <= gemv.MAX_ROWS and x.device.type == "cpu" and gemv.available():
-            y = gemv.gemv_int8(x.reshape(rows, -1).float(), self.weight, self.scales.float())
-            out = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         elif x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
             out = torch._weight_int8pack_mm(
                 x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype)

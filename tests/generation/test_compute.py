@@ -1,8 +1,6 @@
-import pytest
 import torch
 from tiny_qwen2vl import tiny_model
 
-from qwen2vl.generation import gemv
 from qwen2vl.generation.compute import MIN_ROWS, UpcastLinear, upcast_matmuls
 from qwen2vl.generation.quantize import Int8Linear, quantize_int8
 
@@ -47,27 +45,3 @@ def test_quantize_after_upcast_swaps_all_llm_linears():
     quantize_int8(model)
     assert all(isinstance(layer.mlp.down_proj, Int8Linear) for layer in model.model.layers)
     assert isinstance(model.visual.blocks[0].mlp.fc1, UpcastLinear)
-
-
-@pytest.mark.skipif(not gemv.available(), reason="decode kernel needs AVX2 and a C++ compiler")
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-def test_decode_kernel_equals_float32_matmul(rows):
-    g = torch.Generator().manual_seed(rows)
-    w = torch.randn(70, 100, generator=g).bfloat16()  # K not a multiple of 16: the scalar tail
-    x = torch.randn(rows, 100, generator=g)
-    assert torch.allclose(gemv.gemv_bf16(x, w), x @ w.float().t(), atol=1e-4)
-    q = torch.randint(-127, 128, (70, 100), generator=g, dtype=torch.int8)
-    s = torch.rand(70, generator=g)
-    assert torch.allclose(gemv.gemv_int8(x, q, s), (x @ q.float().t()) * s, atol=1e-3)
-
-
-@pytest.mark.skipif(not gemv.available(), reason="decode kernel needs AVX2 and a C++ compiler")
-def test_decode_rows_of_linear_and_int8_use_the_kernel_and_agree():
-    lin = torch.nn.Linear(48, 40).bfloat16()
-    x = torch.randn(2, 1, 48).bfloat16()
-    want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
-    upcast_matmuls(lin)
-    assert torch.allclose(lin(x).float(), want, atol=2e-2)
-    q = Int8Linear(lin, torch.bfloat16)
-    deq = torch.nn.functional.linear(x.float(), q.weight.float() * q.scales.float()[:, None])
-    assert torch.allclose(q(x).float(), deq + lin.bias.float(), atol=3e-2)
