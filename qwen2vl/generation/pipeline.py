@@ -131,7 +131,8 @@ class Pipeline:
 
     def _events(self, messages, params: SamplingParams, tools, out: Completion) -> Iterator[str]:
         enc = self.processor.encode(messages, add_generation_prompt=True, tools=tools)
-        gen = self._prefill(enc, params, out)
+        at = self._visual_keys(enc)
+        gen = self._prefill(enc, at, params, out)
         decoder = self.processor.tokenizer.stream(skip_special_tokens=True)
         stops = StopStrings(params.stop)
         out.logprobs = [] if params.logprobs else None
@@ -156,19 +157,20 @@ class Pipeline:
             out.text += tail
             yield tail
         fed = gen.cache.length - len(enc.ids)
-        keys = dict(zip(self._starts(enc), map(_content_key, enc.visuals), strict=True))
-        self.session = _Session(enc.ids + out.token_ids[:fed], gen.cache, keys)
+        self.session = _Session(enc.ids + out.token_ids[:fed], gen.cache, dict(at))
 
-    def _prefill(self, enc: Encoding, params: SamplingParams, out: Completion) -> Generator:
+    def _prefill(
+        self, enc: Encoding, at: list[tuple[int, str]], params: SamplingParams, out: Completion
+    ) -> Generator:
         model, T = self.model, len(enc.ids)
         ids = torch.tensor([enc.ids])
-        P = self._reusable_prefix(enc)
+        P = self._reusable_prefix(enc, at)
         cache = self._cache_for(T + params.max_new_tokens, P)
         grids = {k: [v.grid_thw for v in enc.visuals if v.kind == k] for k in ("image", "video")}
         pos, deltas = model.positions(
             ids, None, *(torch.tensor(g) if g else None for g in (grids["image"], grids["video"]))
         )
-        feats = self._suffix_features(enc, P)
+        feats = self._suffix_features(enc, at, P)
         with torch.inference_mode():
             x = model.embed(ids[:, P:], feats["image"], feats["video"])
             res = model(
@@ -192,7 +194,7 @@ class Pipeline:
             pad_token_id=self.processor.pad_token_id,
         )
 
-    def _reusable_prefix(self, enc: Encoding) -> int:
+    def _reusable_prefix(self, enc: Encoding, at: list[tuple[int, str]]) -> int:
         """How many leading tokens' keys/values the previous turn left in the cache."""
         if self.session is None:
             return 0
@@ -202,8 +204,8 @@ class Pipeline:
             P += 1
         # Placeholder ids say nothing about the pixels: a different image of the same size
         # matches token for token, so each visual item in the prefix must be the same content.
-        for start, v in zip(self._starts(enc), enc.visuals, strict=True):
-            if start < P and self.session.visuals.get(start) != _content_key(v):
+        for start, key in at:
+            if start < P and self.session.visuals.get(start) != key:
                 P = start
                 break
         pads = (self.processor.tokenizer.image_pad_id, self.processor.tokenizer.video_pad_id)
@@ -211,16 +213,16 @@ class Pipeline:
             P -= 1  # never split a visual item: its features go in whole
         return P
 
-    def _starts(self, enc: Encoding) -> list[int]:
-        """Index of the first placeholder token of each visual item."""
-        starts, i = [], 0
+    def _visual_keys(self, enc: Encoding) -> list[tuple[int, str]]:
+        """(index of its first placeholder token, content key) of each visual item, in order."""
+        out, i = [], 0
         pads = {self.processor.tokenizer.image_pad_id, self.processor.tokenizer.video_pad_id}
         for v in enc.visuals:
             while enc.ids[i] not in pads:
                 i += 1
-            starts.append(i)
+            out.append((i, _content_key(v)))
             i += v.tokens
-        return starts
+        return out
 
     def _cache_for(self, capacity: int, keep: int) -> KVCache:
         old = self.session.cache if self.session else None
@@ -237,17 +239,17 @@ class Pipeline:
             cache.commit(keep)
         return cache
 
-    def _suffix_features(self, enc: Encoding, P: int) -> dict[str, torch.Tensor | None]:
+    def _suffix_features(
+        self, enc: Encoding, at: list[tuple[int, str]], P: int
+    ) -> dict[str, torch.Tensor | None]:
         """Vision features of the items whose tokens start at or after position P."""
-        starts = self._starts(enc)
         feats: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
-        for v, start in zip(enc.visuals, starts, strict=True):
+        for v, (start, key) in zip(enc.visuals, at, strict=True):
             if start >= P:
-                feats[v.kind].append(self._encode(v))
+                feats[v.kind].append(self._encode(v, key))
         return {k: torch.cat(f) if f else None for k, f in feats.items()}
 
-    def _encode(self, v: VisualEncoding) -> torch.Tensor:
-        key = _content_key(v)
+    def _encode(self, v: VisualEncoding, key: str) -> torch.Tensor:
         if key in self.encoder_cache:
             self.encoder_cache.move_to_end(key)
             return self.encoder_cache[key]
