@@ -206,14 +206,7 @@ def bench_ours(path: Path, batch: dict, args: argparse.Namespace, *, int8: bool)
     for _ in gen:
         pass
     decode = (gen.n_new - 1) / (time.perf_counter() - t)
-    row = {
-        "load_s": load,
-        "vision_s": vision,
-        "ttft_s": ttft,
-        "decode_tok_s": decode,
-        "peak_rss": peak_rss(),
-    }
-    return row
+    return _row(load, vision, ttft, decode)
 
 
 def bench_reference(path: Path, batch: dict, args: argparse.Namespace) -> dict:
@@ -239,14 +232,17 @@ def bench_reference(path: Path, batch: dict, args: argparse.Namespace) -> dict:
         run(args.new_tokens)
         total = time.perf_counter() - t
     decode = (args.new_tokens - 1) / max(total - ttft, 1e-9)
-    row = {
+    return _row(load, vision, ttft, decode)
+
+
+def _row(load: float, vision: float, ttft: float, decode: float) -> dict:
+    return {
         "load_s": load,
         "vision_s": vision,
         "ttft_s": ttft,
         "decode_tok_s": decode,
         "peak_rss": peak_rss(),
     }
-    return row
 
 
 # ---- report ----------------------------------------------------------------------------------

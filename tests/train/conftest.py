@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_qwen2vl import tiny_config
 
 import qwen2vl
-from qwen2vl.config import Qwen2VLConfig, TextConfig, VisionConfig
+from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.processor import VisualEncoding
 from qwen2vl.train import Sample
 
@@ -27,27 +28,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def real_vocab_config(tie: bool = True) -> Qwen2VLConfig:
-    text = TextConfig(
-        vocab_size=151936,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        mrope_section=[2, 3, 3],
-        tie_word_embeddings=tie,
-    )
-    vision = VisionConfig(depth=1, embed_dim=16, num_heads=2, hidden_size=32)
-    return Qwen2VLConfig(text=text, vision=vision, torch_dtype="float32")
-
-
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """A tiny model over the real vocabulary with tied embeddings (as the 2B release), on disk
     without tokenizer files (the processor falls back to the bundled tokenizer)."""
     torch.manual_seed(0)
-    model = qwen2vl.Qwen2VL(real_vocab_config())
+    model = qwen2vl.Qwen2VL(tiny_config(tie=True, real_vocab=True))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -100,8 +86,6 @@ def vocab64_config() -> Qwen2VLConfig:
     """The tiny test model with 64 tokens: few enough output rows in 32 dimensions that every
     token can be made the argmax with a wide margin (with 256, some rows cannot, and a frozen
     head then caps how low stage 1 can go)."""
-    from tiny_qwen2vl import tiny_config
-
     cfg = tiny_config()
     return dataclasses.replace(
         cfg,
