@@ -1,28 +1,41 @@
 """The command line: the only argv reader. Each command is a thin layer over the Python API.
 
-qwen2vl chat --model DIR [--image PATH]... [--video PATH]... ["question"]
+qwen2vl demo [--model DIR] [--out DIR]
+qwen2vl chat [--model DIR] [--image PATH]... [--video PATH]... ["question"]
+qwen2vl eval [--model DIR] [--n N] [--tasks TASK...]
 qwen2vl tokens [--model DIR] [--image PATH]... [--video PATH]... [FILE...]
-qwen2vl bench [...]          (python -m qwen2vl.bench --help)
+qwen2vl serve [--model DIR] [...]   (qwen2vl serve --help)
+qwen2vl train [...]                 (qwen2vl train --help)
+qwen2vl init ARCH_DIR --output DIR [--seed N]
+qwen2vl bench [...]                 (python -m qwen2vl.bench --help)
+
+Without --model, demo, chat, eval and serve use the embedded default model (a tiny Qwen2-VL
+trained on this project's synthetic world).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
+from qwen2vl.default_model import model_or_default
 from qwen2vl.errors import Qwen2VLError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwen2vl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _demo_parser(sub.add_parser("demo", help="run the default model on fresh synthetic scenes"))
     _chat_parser(sub.add_parser("chat", help="chat about images and videos (one shot or REPL)"))
+    _eval_parser(sub.add_parser("eval", help="score a model on the held-out synthetic tasks"))
     _tokens_parser(sub.add_parser("tokens", help="what images/videos will cost, before running"))
     from qwen2vl.serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    _init_parser(sub.add_parser("init", help="a new model with random weights (to train)"))
     sub.add_parser(
         "bench", help="benchmark against transformers (see `qwen2vl bench --help`)", add_help=False
     )
@@ -49,11 +62,111 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory (Hugging Face layout); default: the embedded tiny model",
+    )
+
+
+# ---- demo and eval ---------------------------------------------------------------------------
+
+
+def _demo_parser(p: argparse.ArgumentParser) -> None:
+    _model_option(p)
+    p.add_argument("--out", default="qwen2vl-demo", help="where the scenes and pictures go")
+    p.add_argument("--seed", type=int, default=None, help="other scenes (default: the demo's)")
+    p.set_defaults(run=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from qwen2vl.generation.pipeline import Pipeline
+    from qwen2vl.synth.demo import DEMO_SEED, format_answer, run_demo
+
+    path = model_or_default(args.model)
+    print(f"model: {path}", flush=True)
+    pipe = Pipeline.from_pretrained(path, dtype="float32")
+    t = time.perf_counter()
+    answers, picture = run_demo(
+        pipe,
+        args.out,
+        seed=DEMO_SEED if args.seed is None else args.seed,
+        show=lambda a: print(format_answer(a), flush=True),
+    )
+    right = sum(a.correct for a in answers)
+    print(
+        f"{right}/{len(answers)} right in {time.perf_counter() - t:.1f} s; scenes in "
+        f"{args.out}/, grounding answers drawn in {picture}"
+    )
+    return 0
+
+
+def _eval_parser(p: argparse.ArgumentParser) -> None:
+    from qwen2vl.synth.eval import EVAL_SEED
+    from qwen2vl.synth.tasks import ALL_TASKS
+
+    _model_option(p)
+    p.add_argument("--n", type=int, default=200, help="held-out samples per task")
+    p.add_argument("--seed", type=int, default=EVAL_SEED, help="the held-out set's seed")
+    p.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=ALL_TASKS)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
+    p.add_argument("--answers", default=None, help="write every reply to this JSONL file")
+    p.set_defaults(run=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from qwen2vl.generation.pipeline import Pipeline
+    from qwen2vl.synth.eval import evaluate, format_table, write_answers
+
+    if args.n < 1 or args.batch_size < 1:
+        print("error: --n and --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    path = model_or_default(args.model)
+    pipe = Pipeline.from_pretrained(path, dtype=args.dtype)
+    answers: list = []
+    t = time.perf_counter()
+    scores = evaluate(
+        pipe,
+        n_per_task=args.n,
+        seed=args.seed,
+        tasks=args.tasks,
+        batch_size=args.batch_size,
+        progress=_progress_bar("evaluating"),
+        answers=answers,
+    )
+    print(f"model: {path}\nheld-out seed {args.seed}, {args.n} samples per task, greedy\n")
+    print(format_table(scores))
+    print(f"\n{len(answers)} answers in {time.perf_counter() - t:.1f} s")
+    if args.answers:
+        write_answers(answers, args.answers)
+    return 0
+
+
+# ---- init ------------------------------------------------------------------------------------
+
+
+def _init_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("architecture", help="directory with config.json (+ processor files)")
+    p.add_argument("--output", required=True, help="the new checkpoint directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_init)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from qwen2vl.train.init import write_initial
+
+    out = write_initial(args.architecture, args.output, seed=args.seed)
+    print(f"wrote a new model (seed {args.seed}) to {out}")
+    return 0
+
+
 # ---- chat ------------------------------------------------------------------------------------
 
 
 def _chat_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    _model_option(p)
     p.add_argument("--image", action="append", default=[], help="image path/URL (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video path (repeatable)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
@@ -74,7 +187,7 @@ def _chat(args: argparse.Namespace) -> int:
     from qwen2vl.generation.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(
-        args.model,
+        model_or_default(args.model),
         dtype=args.dtype,
         quantize=args.quantize,
         progress=_progress_bar("loading weights"),

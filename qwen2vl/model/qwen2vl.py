@@ -28,7 +28,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Qwen2VLOutput:
-    logits: torch.Tensor  # [B, T, V] (or the last logits_to_keep positions)
+    logits: torch.Tensor  # [B, T, V] (or only the positions logits_to_keep names)
     loss: torch.Tensor | None = None  # mean next-token loss over labels != -100
     rope_deltas: torch.Tensor | None = None  # [B]: position of the n-th real token = n + delta
 
@@ -111,14 +111,16 @@ class Qwen2VL(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> Qwen2VLOutput:
         """input_ids [B, T] -> logits [B, T, V].
 
         attention_mask [B, S]: 1 for real tokens, 0 for padding; S = T, or with a kv_cache the
         whole attended length. position_ids [3, B, T] (or [B, T]) override the computed ones and are
         required when the cache already holds tokens. cu_seqlens [S+1] marks packed samples in a
-        B = 1 row (training); logits_to_keep > 0 computes logits for the last positions only.
+        B = 1 row (training); logits_to_keep > 0 computes logits for the last positions only, a
+        1-D tensor of positions for those positions only (training: where the loss is taken, since
+        the [T, V] logits of every position cost more than the rest of a small model).
         inputs_embeds [B, T, E] (from ``embed`` with cached visual features) replaces the
         embedding step; input_ids are still needed for the positions.
         """
@@ -148,7 +150,9 @@ class Qwen2VL(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = causal_mask(attention_mask, B, T, attention_mask.shape[1], x.device)
         h = self.model(x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache)
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            h = h[:, logits_to_keep.to(h.device)]
+        elif logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
         loss = None if labels is None else causal_lm_loss(logits, labels)

@@ -1,6 +1,6 @@
 """`qwen2vl serve`: arguments, model loading, and uvicorn.
 
-    qwen2vl serve --model DIR [--host 127.0.0.1 --port 8000 --api-key KEY --max-num-seqs 8
+    qwen2vl serve [--model DIR] [--host 127.0.0.1 --port 8000 --api-key KEY --max-num-seqs 8
                   --limit-mm-per-prompt image=8,video=2 --allowed-local-media-path DIR
                   --allow-remote-media --max-model-len N ...]
 
@@ -15,7 +15,6 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_MODEL_LEN = 8192  # the KV slots are preallocated: slots x 1.5 x this many tokens
@@ -30,7 +29,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory (Hugging Face layout); default: the embedded tiny model",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -100,6 +103,7 @@ def _limits(text: str) -> dict[str, int]:
 def build_app(args: argparse.Namespace):
     """Load the model and return the FastAPI app (the engine starts with the app)."""
     from qwen2vl.config import Qwen2VLConfig
+    from qwen2vl.default_model import model_or_default
     from qwen2vl.generation.quantize import quantize_int8
     from qwen2vl.processor import load_processor
     from qwen2vl.serve.app import ServerConfig, create_app
@@ -107,7 +111,7 @@ def build_app(args: argparse.Namespace):
     from qwen2vl.serve.prepare import Limits, generation_config
     from qwen2vl.weights import load_model
 
-    path = Path(args.model)
+    path = model_or_default(args.model)
     defaults, eos = generation_config(path)
     native = Qwen2VLConfig.from_file(path / "config.json").text.max_position_embeddings
     max_len = args.max_model_len or min(native, DEFAULT_MAX_MODEL_LEN)
@@ -135,7 +139,7 @@ def build_app(args: argparse.Namespace):
     limits = args.limit_mm_per_prompt
     config = ServerConfig(
         model_name=args.served_model_name or path.resolve().name,
-        aliases=(args.model, str(path.resolve())),
+        aliases=tuple(a for a in (args.model, str(path.resolve())) if a),
         limits=Limits(max_len, limits["image"], limits["video"], args.request_timeout),
         api_key=args.api_key,
         defaults=defaults,

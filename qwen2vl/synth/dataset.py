@@ -71,28 +71,20 @@ def generate_dataset(
 
 def record(sample: Sample, name: str, out: Path) -> dict[str, Any]:
     """The JSONL object of `sample`, its media written under `out/media` with stem `name`."""
-    content: list[dict[str, Any]] = []
+    images = []
     for j, image in enumerate(sample.images):
-        rel = f"{MEDIA_DIR}/{name}_{j}.png"
-        _save(image, out / rel)
-        content.append({"type": "image", "image": rel})
+        images.append(f"{MEDIA_DIR}/{name}_{j}.png")
+        _save(image, out / images[-1])
+    frames = None
     if sample.video is not None:
         frames = [f"{MEDIA_DIR}/{name}/{k:02d}.png" for k in range(len(sample.video))]
         (out / MEDIA_DIR / name).mkdir(exist_ok=True)
         for frame, rel in zip(sample.video, frames, strict=True):
             _save(frame, out / rel)
-        content.append(
-            {"type": "video", "video": frames, "sample_fps": VIDEO_FPS,
-             "min_pixels": VIDEO_MIN_PIXELS}
-        )  # fmt: skip
-    content.append({"type": "text", "text": sample.question})
     line: dict[str, Any] = {
         "id": name,
         "task": sample.task,
-        "messages": [
-            {"role": "user", "content": content},
-            {"role": "assistant", "content": sample.answer},
-        ],
+        "messages": conversation(sample, images=images, frames=frames),
         "answer": sample.answer,
         "target": sample.target,
     }
@@ -100,6 +92,30 @@ def record(sample: Sample, name: str, out: Path) -> dict[str, Any]:
         b = sample.box
         line["box"] = [b.x1, b.y1, b.x2, b.y2]
     return line
+
+
+def conversation(
+    sample: Sample,
+    *,
+    images: Sequence[Any] | None = None,
+    frames: Sequence[Any] | None = None,
+    answer: bool = True,
+) -> list[dict[str, Any]]:
+    """The sample as messages: its images (or the `images` given in their place, e.g. paths),
+    its video frames (or `frames`), the question, and with `answer` the assistant's reply."""
+    content: list[dict[str, Any]] = [
+        {"type": "image", "image": image} for image in (sample.images if images is None else images)
+    ]
+    if sample.video is not None:
+        content.append(
+            {"type": "video", "video": list(sample.video if frames is None else frames),
+             "sample_fps": VIDEO_FPS, "min_pixels": VIDEO_MIN_PIXELS}
+        )  # fmt: skip
+    content.append({"type": "text", "text": sample.question})
+    messages = [{"role": "user", "content": content}]
+    if answer:
+        messages.append({"role": "assistant", "content": sample.answer})
+    return messages
 
 
 def _save(image: Image.Image, path: Path) -> None:

@@ -23,7 +23,7 @@ COLOURS = {
     "white": (245, 245, 245),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
-MIN_SIDE, MAX_SIDE = 56, 224  # image sides in pixels: varied so dynamic resolution is exercised
+MIN_SIDE, MAX_SIDE = 56, 112  # image sides in pixels: varied so dynamic resolution is exercised
 BACKGROUND_MAX = 70  # background grey level 0..70: every colour above stands out on it
 
 

@@ -41,7 +41,13 @@ from qwen2vl.train.data import (
 )
 from qwen2vl.train.metrics import MetricsLog, Progress, plot_loss, read_metrics
 from qwen2vl.train.optim import build_optimizer, lr_at, set_lr
-from qwen2vl.train.packing import PackSchedule, collate, loss_sum, packing_efficiency
+from qwen2vl.train.packing import (
+    PackSchedule,
+    collate,
+    loss_sum,
+    packing_efficiency,
+    target_positions,
+)
 from qwen2vl.train.stages import TrainableReport, configure_trainable
 from qwen2vl.weights import load_model
 
@@ -285,9 +291,10 @@ class Trainer:
         torch.manual_seed(_row_seed(self.cfg.seed, epoch, index))
         device = self.env.device
         with D.gradient_sync(self.engine, sync):
+            keep = target_positions(batch.targets)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                logits = self.engine(**batch.model_inputs(device)).logits
-            loss = loss_sum(logits, batch.targets)
+                logits = self.engine(**batch.model_inputs(device), logits_to_keep=keep).logits
+            loss = loss_sum(logits, batch.targets[keep])
             (loss * self.env.world / max(targets, 1)).backward()
         return float(loss.detach())
 

@@ -229,7 +229,13 @@ class PackSchedule:
 
 def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy of a packed row: logits [1, T, V], targets [T] (already
-    shifted, -100 = none), in float32."""
+    shifted, -100 = none), in float32. Logits of only the target positions (`target_positions`)
+    with targets [n] of those positions give the same sum."""
     return F.cross_entropy(
         logits[0].float(), targets.to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def target_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Positions [n] of a row's targets: the only logits the loss needs."""
+    return (targets != IGNORE_INDEX).nonzero().squeeze(1)

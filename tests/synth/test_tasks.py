@@ -150,4 +150,4 @@ def test_images_come_in_varied_sizes_and_aspect_ratios():
              for im in s.images]  # fmt: skip
     assert len(set(sizes)) > len(sizes) // 2
     assert any(w > 1.5 * h for w, h in sizes) and any(h > 1.5 * w for w, h in sizes)
-    assert min(min(s) for s in sizes) >= 56 and max(max(s) for s in sizes) <= 224
+    assert min(min(s) for s in sizes) >= 56 and max(max(s) for s in sizes) <= 112

@@ -17,6 +17,7 @@ from qwen2vl.train.packing import (
     packing_efficiency,
     plan_packs,
     shuffled,
+    target_positions,
 )
 
 
@@ -120,3 +121,20 @@ def test_packed_row_gives_the_samples_own_losses(tiny_ckpt, real_samples):
     total = loss_sum(model(**packed.model_inputs()).logits, packed.targets).detach()
     torch.testing.assert_close(total, torch.stack(sums).sum(), rtol=1e-6, atol=1e-5)
     assert packed.n_targets == sum(s.targets for s in real_samples)
+
+
+def test_logits_of_the_target_positions_only_give_the_same_loss(tiny_ckpt, real_samples):
+    """The trainer asks for logits where targets are (a [T, V] logits tensor costs more than
+    the rest of a small model); loss and gradients equal those of the full logits."""
+    model = qwen2vl.load_model(tiny_ckpt)
+    packed = collate(real_samples, model.cfg)
+    keep = target_positions(packed.targets)
+    assert len(keep) == packed.n_targets < packed.tokens
+    full = loss_sum(model(**packed.model_inputs()).logits, packed.targets)
+    (g_full,) = torch.autograd.grad(full, model.lm_head.weight)
+    logits = model(**packed.model_inputs(), logits_to_keep=keep).logits
+    assert logits.shape[1] == len(keep)
+    some = loss_sum(logits, packed.targets[keep])
+    (g_some,) = torch.autograd.grad(some, model.lm_head.weight)
+    torch.testing.assert_close(some, full, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(g_some, g_full, rtol=1e-5, atol=1e-6)
