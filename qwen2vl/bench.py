@@ -1,13 +1,15 @@
 """Benchmark qwen2vl against transformers on the same weights, image and prompt, in one process.
 
     python -m qwen2vl.bench [--model DIR | --preset 2B] [--layers N] [--new-tokens 32]
+                            [--device cpu|cuda]
 
 Without --model it writes a random-weight checkpoint of the preset's architecture (bf16) to a
 temporary directory. It measures this machine's memory read bandwidth and bf16 matmul rate, then
 for each implementation: load time, vision-encoder time (448x448 -> 256 tokens), time to first
-token, decode tokens/s and peak RSS; qwen2vl also in weight-only int8. Decode is also reported
-as a fraction of the bandwidth limit (bytes of weights read per token / bandwidth). Prints a
-table with ratios; asserts nothing. transformers is needed (pip install -e '.[test]').
+token, decode tokens/s and peak memory (RSS on the CPU, allocated GPU memory on CUDA); qwen2vl
+also in weight-only int8. Decode is also reported as a fraction of the bandwidth limit (bytes of
+weights read per token / bandwidth). Prints a table with ratios; asserts nothing. transformers
+is needed (pip install -e '.[test]'). On CUDA both run bf16 with PyTorch's SDPA (no flash-attn).
 """
 
 from __future__ import annotations
@@ -44,18 +46,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="repeats of the timed vision encoder")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--skip-reference", action="store_true", help="qwen2vl only")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"threads {torch.get_num_threads()}; torch {torch.__version__}")
-    machine = measure_machine()
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {where}; threads {torch.get_num_threads()}; torch {torch.__version__}")
+    machine = measure_machine(device)
     print(
         f"memory read {machine['bandwidth'] / 1e9:.1f} GB/s; matmul bf16 "
         f"{machine['bf16_flops'] / 1e9:.0f} GFLOP/s, fp32 {machine['fp32_flops'] / 1e9:.0f} GFLOP/s"
     )
     with tempfile.TemporaryDirectory(prefix="qwen2vl-bench-") as tmp:
         path = Path(args.model) if args.model else random_checkpoint(args, Path(tmp))
-        batch = bench_inputs(path, args.image_size)
+        batch = {k: v.to(device) for k, v in bench_inputs(path, args.image_size).items()}
         runs = [
             ("qwen2vl bf16", lambda: bench_ours(path, batch, args, int8=False)),
             ("qwen2vl int8", lambda: bench_ours(path, batch, args, int8=True)),
@@ -75,26 +80,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---- machine ---------------------------------------------------------------------------------
 
 
-def measure_machine() -> dict[str, float]:
-    buf = torch.ones(512 * 2**20 // 4)  # 512 MiB, touched so it is really in memory
+def measure_machine(device: torch.device | str = "cpu") -> dict[str, float]:
+    gpu = torch.device(device).type == "cuda"
+    buf = torch.ones((4096 if gpu else 512) * 2**20 // 4, device=device)  # touched: resident
     read = _best(lambda: buf.sum(), 5)
-    a = torch.randn(1024, 1024, dtype=torch.bfloat16)
+    n = 8192 if gpu else 1024
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     mm = _best(lambda: a @ a, 3)
     f = a.float()
     mm32 = _best(lambda: f @ f, 3)
     return {
         "bandwidth": buf.numel() * 4 / read,
-        "bf16_flops": 2 * 1024**3 / mm,
-        "fp32_flops": 2 * 1024**3 / mm32,
+        "bf16_flops": 2 * n**3 / mm,
+        "fp32_flops": 2 * n**3 / mm32,
     }
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _best(fn: Callable[[], object], n: int) -> float:
     fn()
     times = []
     for _ in range(n):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return min(times)
 
@@ -104,8 +118,10 @@ def _median(fn: Callable[[], object], n: int) -> float:
         fn()
     times = []
     for _ in range(n):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -172,10 +188,16 @@ def bytes_per_token(path: Path) -> int:
 
 def peak_rss_reset() -> None:
     gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
 
 
 def peak_rss() -> int:
+    """Peak resident memory; on CUDA the peak allocated GPU memory (what bounds batch sizes)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
@@ -184,10 +206,14 @@ def peak_rss() -> int:
 
 def bench_ours(path: Path, batch: dict, args: argparse.Namespace, *, int8: bool) -> dict:
     peak_rss_reset()
+    device = batch["input_ids"].device
     t = time.perf_counter()
-    model = upcast_matmuls(qwen2vl.load_model(path, dtype="bfloat16"))
+    model = qwen2vl.load_model(path, dtype="bfloat16", device=str(device))
+    if device.type == "cpu":
+        upcast_matmuls(model)
     if int8:
         quantize_int8(model)
+    _sync()
     load = time.perf_counter() - t
     pv, grid = batch["pixel_values"], batch["image_grid_thw"]
     with torch.inference_mode():
@@ -200,11 +226,13 @@ def bench_ours(path: Path, batch: dict, args: argparse.Namespace, *, int8: bool)
         gen.step()
         return gen
 
-    ttft = _median(first_token, 1)
+    ttft = _median(first_token, _cold_or_warm(args))
     gen = first_token()
+    _sync()
     t = time.perf_counter()
     for _ in gen:
         pass
+    _sync()
     decode = (gen.n_new - 1) / (time.perf_counter() - t)
     return _row(load, vision, ttft, decode)
 
@@ -215,8 +243,9 @@ def bench_reference(path: Path, batch: dict, args: argparse.Namespace) -> dict:
     peak_rss_reset()
     t = time.perf_counter()
     model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.bfloat16
+        path, dtype=torch.bfloat16, device_map=str(batch["input_ids"].device)
     ).eval()
+    _sync()
     load = time.perf_counter() - t
     pv, grid = batch["pixel_values"], batch["image_grid_thw"]
     ids = batch["input_ids"]
@@ -227,12 +256,20 @@ def bench_reference(path: Path, batch: dict, args: argparse.Namespace) -> dict:
         def run(n):
             return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-        ttft = _median(lambda: run(1), 1)
+        ttft = _median(lambda: run(1), _cold_or_warm(args))
+        _sync()
         t = time.perf_counter()
         run(args.new_tokens)
+        _sync()
         total = time.perf_counter() - t
     decode = (args.new_tokens - 1) / max(total - ttft, 1e-9)
     return _row(load, vision, ttft, decode)
+
+
+def _cold_or_warm(args: argparse.Namespace) -> int:
+    """Runs of the first-token timing: one cold run on the CPU (a slow step), the median of
+    warm runs on CUDA (the first call there pays for lazy library and kernel set-up)."""
+    return args.repeats if args.device.startswith("cuda") else 1
 
 
 def _row(load: float, vision: float, ttft: float, decode: float) -> dict:
@@ -257,7 +294,7 @@ def print_table(rows: dict[str, dict], machine: dict[str, float], bpt: int) -> N
     )
     header = (
         f"{'':<18} {'load s':>8} {'vision s':>9} {'TTFT s':>8} {'decode tok/s':>13} "
-        f"{'% of limit':>10} {'peak RSS GB':>12}"
+        f"{'% of limit':>10} {'peak mem GB':>12}"
     )
     print(header)
     for name, r in rows.items():
@@ -276,7 +313,7 @@ def print_table(rows: dict[str, dict], machine: dict[str, float], bpt: int) -> N
                 f"TTFT {ref['ttft_s'] / r['ttft_s']:.2f}x  "
                 f"decode {r['decode_tok_s'] / ref['decode_tok_s']:.2f}x  "
                 f"load {ref['load_s'] / r['load_s']:.2f}x  "
-                f"peak RSS {r['peak_rss'] / ref['peak_rss']:.2f} of theirs"
+                f"peak memory {r['peak_rss'] / ref['peak_rss']:.2f} of theirs"
             )
 
 

@@ -7,6 +7,7 @@ qwen2vl tokens [--model DIR] [--image PATH]... [--video PATH]... [FILE...]
 qwen2vl serve [--model DIR] [...]   (qwen2vl serve --help)
 qwen2vl train [...]                 (qwen2vl train --help)
 qwen2vl init ARCH_DIR --output DIR [--seed N]
+qwen2vl pretrain-vision --model DIR --output DIR [--steps N ...]
 qwen2vl bench [...]                 (python -m qwen2vl.bench --help)
 
 Without --model, demo, chat, eval and serve use the embedded default model (a tiny Qwen2-VL
@@ -36,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_serve_parser(sub)
     _init_parser(sub.add_parser("init", help="a new model with random weights (to train)"))
+    _pretrain_parser(
+        sub.add_parser("pretrain-vision", help="pretrain a ViT on the synthetic world's labels")
+    )
     sub.add_parser(
         "bench", help="benchmark against transformers (see `qwen2vl bench --help`)", add_help=False
     )
@@ -151,14 +155,59 @@ def _init_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("architecture", help="directory with config.json (+ processor files)")
     p.add_argument("--output", required=True, help="the new checkpoint directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--std",
+        default="0.02",
+        help="std of the weight matrices, or 'fan-in' for 1/sqrt(fan_in) each (default: 0.02, "
+        "as transformers)",
+    )
+    p.add_argument("--embed-std", type=float, default=None, help="std of the embeddings")
     p.set_defaults(run=_init)
 
 
 def _init(args: argparse.Namespace) -> int:
     from qwen2vl.train.init import write_initial
 
-    out = write_initial(args.architecture, args.output, seed=args.seed)
+    try:
+        std = None if args.std == "fan-in" else float(args.std)
+    except ValueError:
+        print(f"error: --std takes a number or 'fan-in', got {args.std!r}", file=sys.stderr)
+        return 2
+    out = write_initial(
+        args.architecture, args.output, seed=args.seed, std=std, embed_std=args.embed_std
+    )
     print(f"wrote a new model (seed {args.seed}) to {out}")
+    return 0
+
+
+def _pretrain_parser(p: argparse.ArgumentParser) -> None:
+    from qwen2vl.synth.pretrain import PretrainConfig
+
+    d = PretrainConfig(model="", output="")
+    p.add_argument("--model", required=True, help="checkpoint whose ViT + merger to train")
+    p.add_argument("--output", required=True, help="the whole model, ViT trained, goes here")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch, help="scenes per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak; warmup then cosine to 0")
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--pool", type=int, default=d.pool, help="scenes drawn and processed")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.set_defaults(run=_pretrain)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    import logging
+
+    from qwen2vl.synth.pretrain import PretrainConfig, pretrain_vision
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    if min(args.steps, args.batch, args.pool) < 1:
+        print("error: --steps, --batch and --pool must be >= 1", file=sys.stderr)
+        return 2
+    pretrain_vision(PretrainConfig(**options))
+    print(f"vision pretrained: {args.output}")
     return 0
 
 

@@ -88,3 +88,26 @@ CASES = {
         prompt(TEXT, ("image", (1, 8, 10)), ("text", [11, 12, 13])),
     ],
 }
+
+
+STOP = [151645, 151643]
+
+
+def reference(hf, inputs, n):
+    """transformers' greedy generate: the new ids of each row, cut after the first stop id."""
+    ids = inputs["input_ids"]
+    extra = {"mm_token_type_ids": (ids == IMAGE).int() + 2 * (ids == VIDEO).int()}
+    with torch.no_grad():
+        out = hf.generate(
+            **inputs,
+            **extra,
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=STOP,
+            pad_token_id=151643,
+        )
+    rows = []
+    for row in out[:, ids.shape[1] :].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in STOP), len(row))
+        rows.append(row[:cut])
+    return rows

@@ -20,6 +20,7 @@ from qwen2vl.synth.world import (
     SHAPES,
     Shape,
     canvas,
+    glyph_boxes,
     place,
     random_grey,
     random_look,
@@ -51,6 +52,13 @@ class Sample:
     video: list[Image.Image] | None = None
     box: Box | None = None  # grounding only: the answer's box in [0, 1000) coordinates
     shapes: list[Shape] = field(default_factory=list)
+    glyphs: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)  # OCR
+
+    def shapes_of(self, item: int) -> list[Shape]:
+        """The objects drawn in image `item` (or video frame `item`)."""
+        if self.video is not None or self.task == "compare":
+            return [self.shapes[item]]
+        return list(self.shapes)
 
 
 def _single(rng: np.random.Generator, look: tuple[str, str]) -> tuple[Image.Image, Shape]:
@@ -93,14 +101,19 @@ def make_ocr(rng: np.random.Generator) -> Sample:
         text = str(rng.choice(WORDS))
     grey = random_grey(rng)
     colour = COLOURS[str(rng.choice(list(COLOURS)))]
-    glyphs = render_text(text, int(rng.integers(2, 4)), colour, grey)
+    scale = int(rng.integers(2, 4))
+    glyphs = render_text(text, scale, colour, grey)
     width, height = random_size(rng)
     width, height = max(width, glyphs.width), max(height, glyphs.height)
     image = canvas(width, height, grey)
     x = int(rng.integers(0, width - glyphs.width + 1))
     y = int(rng.integers(0, height - glyphs.height + 1))
     image.paste(glyphs, (x, y))
-    return Sample("ocr", "What is written in the image?", text, text, [image])
+    cells = [(a + x, b + y, c + x, d + y) for a, b, c, d in glyph_boxes(text, scale)]
+    return Sample(
+        "ocr", "What is written in the image?", text, text, [image],
+        glyphs=list(zip(text, cells, strict=True)),
+    )  # fmt: skip
 
 
 def make_grounding(rng: np.random.Generator) -> Sample:

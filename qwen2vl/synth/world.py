@@ -155,3 +155,26 @@ def render_text(text: str, scale: int, colour: tuple[int, int, int], grey: int) 
     image = canvas(right - left + 4, bottom - top + 4, grey)
     ImageDraw.Draw(image).text((2 - left, 2 - top), text, fill=colour, font=font)
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def glyph_boxes(text: str, scale: int) -> list[tuple[int, int, int, int]]:
+    """Each character's cell (x0, y0, x1, y1), end exclusive, in the image `render_text` makes:
+    the font's advance along x, the text's full height along y."""
+    font = ImageFont.load_default_imagefont()
+    left, top, _, bottom = font.getbbox(text)
+    edges = [2 - left + int(font.getlength(text[:k])) for k in range(len(text) + 1)]
+    return [
+        (x0 * scale, 2 * scale, x1 * scale, (2 + bottom - top) * scale)
+        for x0, x1 in zip(edges, edges[1:], strict=False)
+    ]
+
+
+def shape_mask(shape: Shape, width: int, height: int) -> Image.Image:
+    """The shape's pixels as a 0/255 mask of the image size (drawn as `render` draws it)."""
+    mask = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(mask)
+    if shape.kind == "circle":
+        draw.ellipse((shape.x0, shape.y0, shape.x1, shape.y1), fill=255)
+    else:
+        draw.polygon(polygon(shape), fill=255)
+    return mask

@@ -25,8 +25,16 @@ from qwen2vl.weights import save_pretrained
 INIT_STD = 0.02  # transformers' initializer_range for Qwen2-VL
 
 
-def init_model(cfg: Qwen2VLConfig, *, seed: int = 0, std: float = INIT_STD) -> Qwen2VL:
-    """A float32 Qwen2VL with freshly drawn weights, on the CPU."""
+def init_model(
+    cfg: Qwen2VLConfig,
+    *,
+    seed: int = 0,
+    std: float | None = INIT_STD,
+    embed_std: float | None = None,
+) -> Qwen2VL:
+    """A float32 Qwen2VL with freshly drawn weights, on the CPU. std=None draws each matrix with
+    std 1/sqrt(fan_in) instead (signals keep their scale through a narrow model; transformers'
+    0.02 is sized for widths near 1000); embed_std overrides the embeddings' std."""
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = Qwen2VL(cfg)
@@ -34,9 +42,12 @@ def init_model(cfg: Qwen2VLConfig, *, seed: int = 0, std: float = INIT_STD) -> Q
     model.tie_weights()  # to_empty allocates lm_head apart from the embedding
     with torch.no_grad():
         for module in model.modules():  # a tied lm_head is the embedding: drawn once more
-            if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=g)
-                if getattr(module, "bias", None) is not None:
+            if isinstance(module, nn.Embedding) or module is model.lm_head:
+                module.weight.normal_(0.0, embed_std or std or INIT_STD, generator=g)
+            elif isinstance(module, (nn.Linear, nn.Conv3d)):
+                fan_in = module.weight[0].numel()
+                module.weight.normal_(0.0, std or fan_in**-0.5, generator=g)
+                if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 module.weight.fill_(1.0)
@@ -45,12 +56,21 @@ def init_model(cfg: Qwen2VLConfig, *, seed: int = 0, std: float = INIT_STD) -> Q
     return model.float()
 
 
-def write_initial(architecture: str | Path, output: str | Path, *, seed: int = 0) -> Path:
+def write_initial(
+    architecture: str | Path,
+    output: str | Path,
+    *,
+    seed: int = 0,
+    std: float | None = INIT_STD,
+    embed_std: float | None = None,
+) -> Path:
     """A checkpoint directory of a new model: `architecture`'s config.json (and its processor
-    files: preprocessor_config.json, generation_config.json ...) with weights drawn from `seed`,
-    float32, and the bundled tokenizer where the architecture brings none. Training starts here."""
+    files: preprocessor_config.json, generation_config.json ...) with weights drawn from `seed`
+    (see `init_model` for std / embed_std), float32, and the bundled tokenizer where the
+    architecture brings none. Training starts here."""
     architecture, output = Path(architecture), Path(output)
     cfg = Qwen2VLConfig.from_file(architecture / "config.json")
-    save_pretrained(init_model(cfg, seed=seed), output, dtype=torch.float32)
+    model = init_model(cfg, seed=seed, std=std, embed_std=embed_std)
+    save_pretrained(model, output, dtype=torch.float32)
     copy_processor_files(architecture, output)
     return output

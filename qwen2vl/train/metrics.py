@@ -9,6 +9,7 @@ step are dropped so the file reads as one uninterrupted run. The loss curve is d
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -79,8 +80,16 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def plot_loss(records: list[dict[str, Any]], path: str | Path, *, size=(800, 450)) -> None:
-    """loss against step as a PNG: axes, the curve, and the first/last/min values as labels."""
+def plot_loss(
+    records: list[dict[str, Any]],
+    path: str | Path,
+    *,
+    size=(800, 450),
+    marks: list[tuple[int, str]] = (),
+) -> None:
+    """loss against step as a PNG: axes, the curve, the min/max values as labels, and a
+    labelled vertical line at each of `marks` (step, label), e.g. where each stage begins.
+    The loss axis is logarithmic when the curve spans more than a factor of 20."""
     points = [(r["step"], r["loss"]) for r in records if "loss" in r]
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
@@ -93,12 +102,21 @@ def plot_loss(records: list[dict[str, Any]], path: str | Path, *, size=(800, 450
         s0, s1 = min(steps), max(max(steps), min(steps) + 1)
         lo, hi = min(losses), max(losses)
         hi = hi if hi > lo else lo + 1.0
+        log = lo > 0 and hi / lo > 20
+        scale = math.log if log else (lambda v: v)
 
         def xy(step: float, loss: float) -> tuple[float, float]:
             x = left + (right - left) * (step - s0) / (s1 - s0)
-            return x, bottom - (bottom - top) * (loss - lo) / (hi - lo)
+            frac = (scale(loss) - scale(lo)) / (scale(hi) - scale(lo))
+            return x, bottom - (bottom - top) * frac
 
+        for step, label in marks:
+            x = xy(step, lo)[0]
+            draw.line([(x, top), (x, bottom)], fill=(180, 180, 180), width=1)
+            draw.text((x + 3, top + 3), label, fill=(90, 90, 90))
         draw.line([xy(s, v) for s, v in points], fill=(31, 119, 180), width=2)
+        if log:
+            draw.text((left + 70, 8), "(log scale)", fill="black")
         for value in (lo, hi):
             draw.text((4, xy(s0, value)[1] - 6), f"{value:.4g}", fill="black")
         draw.text((left, bottom + 8), f"step {s0}", fill="black")

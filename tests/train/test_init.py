@@ -43,6 +43,15 @@ def test_write_initial_makes_a_loadable_checkpoint(tmp_path):
     assert (out / "tokenizer.json").is_file()  # the bundled tokenizer, for transformers too
     transformers = pytest.importorskip("transformers")
     theirs = transformers.Qwen2VLForConditionalGeneration.from_pretrained(out)
-    assert torch.equal(
-        theirs.get_input_embeddings().weight, model.model.embed_tokens.weight
-    )
+    assert torch.equal(theirs.get_input_embeddings().weight, model.model.embed_tokens.weight)
+
+
+def test_fan_in_init_scales_each_matrix_by_its_inputs():
+    cfg = tiny_config(tie=True, real_vocab=True)
+    model = init_model(cfg, seed=0, std=None, embed_std=0.125)
+    emb = model.model.embed_tokens.weight
+    assert abs(emb.std().item() - 0.125) < 0.01
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and "embed_tokens" not in name:
+            want = p[0].numel() ** -0.5
+            assert abs(p.std().item() - want) < 0.15 * want, name

@@ -1,0 +1,145 @@
+"""Dense labels of a synthetic scene on the vision tower's token grid, for vision pretraining.
+
+The real Qwen2-VL starts from a pretrained ViT (DFN's CLIP); the default model's ViT is
+pretrained on what the synthetic world knows about every pixel it drew. Labels are given per
+merged token (the 2x2-patch cell one LLM token stands for), in the merger's output order
+(temporal slot, row, column), plus a few per-item values:
+
+    colour, kind      the object covering most of the cell (0 = background)
+    box               that object's box, corners / image size, in [0, 1]
+    where             the cell's centre / image size: absolute position, which neither rotary
+                      (relative) nor the LLM's M-RoPE (nearly flat for a 64-wide model) gives
+    char, index       the character whose centre lies in the cell's left / right half and its
+                      place in the text (0 = none); one half is one 14-pixel patch column
+    count             objects in the image; direction, bounces for videos (-1 = no label)
+    text_k            the text's k-th character (0 = the text is shorter)
+    colours, kinds    which colours and kinds occur (multi-hot)
+
+A video's temporal slot j (frames 2j, 2j+1) is labelled from frame 2j.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from qwen2vl.synth.tasks import DIRECTIONS, Sample
+from qwen2vl.synth.world import COLOURS, SHAPES, Shape, shape_mask
+
+CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
+MAX_TEXT = 4  # characters a text may have (WORDS and numbers below 10000)
+COVERED = 0.15  # share of a cell an object must cover to label it
+HEADS = {  # per-token classification heads: name -> classes
+    "colour": len(COLOURS) + 1,
+    "kind": len(SHAPES) + 1,
+    "char_left": len(CHARS) + 1,
+    "char_right": len(CHARS) + 1,
+    "index_left": MAX_TEXT + 1,
+    "index_right": MAX_TEXT + 1,
+}
+# Per image / video, read from the mean of its tokens (what an LLM head attending evenly sees).
+ITEM_HEADS = {
+    "count": 7,
+    "direction": len(DIRECTIONS),
+    "bounces": 4,
+    **{f"text_{k}": len(CHARS) + 1 for k in range(MAX_TEXT)},  # k-th character, 0 = none
+}
+ITEM_SETS = {"colours": len(COLOURS), "kinds": len(SHAPES)}  # which occur: multi-hot
+
+
+@dataclass
+class ItemLabels:
+    """Labels of one image or video: per-token arrays of length N (tokens of the item)."""
+
+    tokens: dict[str, np.ndarray]  # HEADS names -> [N] int64
+    box: np.ndarray  # [N, 4] float32, valid where colour > 0
+    where: np.ndarray  # [N, 2] float32
+    item: dict[str, int]  # ITEM_HEADS names -> class, -1 when unlabelled
+    sets: dict[str, np.ndarray]  # ITEM_SETS names -> [classes] 0/1 float32 (all 0 for text)
+
+
+def scene_labels(
+    sample: Sample, grids: list[tuple[int, int, int]], merge: int = 2
+) -> list[ItemLabels]:
+    """Labels of each visual item of `sample` (its images, then its video), given each item's
+    (t, h, w) patch grid as the processor made it."""
+    out = []
+    for i, image in enumerate(sample.images):
+        out.append(_item(sample, [image], [sample.shapes_of(i)], grids[i], merge))
+    if sample.video is not None:
+        frames = sample.video[::2]
+        shapes = [sample.shapes_of(k) for k in range(0, len(sample.video), 2)]
+        out.append(_item(sample, frames, shapes, grids[len(sample.images)], merge))
+    return out
+
+
+def _item(sample, frames, shapes_per_slot, grid, merge) -> ItemLabels:
+    t, h, w = grid
+    rows, cols = h // merge, w // merge
+    if t != len(frames):
+        raise ValueError(f"grid {grid} has {t} temporal slots for {len(frames)} labelled frames")
+    slots = [
+        _slot(sample, frame, shapes, rows, cols)
+        for frame, shapes in zip(frames, shapes_per_slot, strict=True)
+    ]
+    tokens = {name: np.concatenate([s[0][name] for s in slots]) for name in HEADS}
+    box = np.concatenate([s[1] for s in slots])
+    where = np.concatenate([s[2] for s in slots])
+    sets = {name: np.zeros(n, dtype=np.float32) for name, n in ITEM_SETS.items()}
+    for s in shapes_per_slot[0]:
+        sets["colours"][list(COLOURS).index(s.colour)] = 1
+        sets["kinds"][SHAPES.index(s.kind)] = 1
+    return ItemLabels(tokens, box, where, _item_values(sample, shapes_per_slot[0]), sets)
+
+
+def _item_values(sample: Sample, shapes: list[Shape]) -> dict[str, int]:
+    values = dict.fromkeys(ITEM_HEADS, -1)
+    if sample.video is None and sample.task != "ocr":
+        values["count"] = len(shapes)
+    if sample.task == "ocr":
+        text = str(sample.target)
+        for k in range(MAX_TEXT):
+            values[f"text_{k}"] = CHARS.index(text[k]) + 1 if k < len(text) else 0
+    if sample.task == "video_direction":
+        values["direction"] = DIRECTIONS.index(str(sample.target))
+    if sample.task == "video_bounces":
+        values["bounces"] = int(sample.target)
+    return values
+
+
+def _slot(sample: Sample, frame: Image.Image, shapes: list[Shape], rows: int, cols: int):
+    width, height = frame.size
+    n = rows * cols
+    tokens = {name: np.zeros(n, dtype=np.int64) for name in HEADS}
+    box = np.zeros((n, 4), dtype=np.float32)
+    cover = [_coverage(shape_mask(s, width, height), rows, cols) for s in shapes]
+    if cover:
+        stack = np.stack(cover)  # [objects, n]
+        best, share = stack.argmax(0), stack.max(0)
+        for k, s in enumerate(shapes):
+            on = (best == k) & (share >= COVERED)
+            tokens["colour"][on] = list(COLOURS).index(s.colour) + 1
+            tokens["kind"][on] = SHAPES.index(s.kind) + 1
+            x0, y0, x1, y1 = s.corners
+            box[on] = (x0 / width, y0 / height, x1 / width, y1 / height)
+    for index, (char, (x0, y0, x1, y1)) in enumerate(sample.glyphs):
+        half = int((x0 + x1) / 2 / width * cols * 2)  # patch column of the glyph's centre
+        row = int((y0 + y1) / 2 / height * rows)
+        side = "left" if half % 2 == 0 else "right"
+        cell = row * cols + half // 2
+        if tokens[f"char_{side}"][cell] == 0:
+            tokens[f"char_{side}"][cell] = CHARS.index(char) + 1
+            tokens[f"index_{side}"][cell] = index + 1
+    ys, xs = np.meshgrid(
+        (np.arange(rows) + 0.5) / rows, (np.arange(cols) + 0.5) / cols, indexing="ij"
+    )
+    where = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float32)
+    return tokens, box, where
+
+
+def _coverage(mask: Image.Image, rows: int, cols: int) -> np.ndarray:
+    """Share of each cell the mask covers, [rows * cols] (a box filter is an exact cell mean)."""
+    small = mask.resize((cols, rows), Image.Resampling.BOX)
+    return (np.asarray(small, dtype=np.float32) / 255.0).ravel()

@@ -1,0 +1,85 @@
+"""Dense labels line up with what the processor made of the scene: one label per merged token,
+objects where they were drawn, characters in reading order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen2vl.processor import load_processor
+from qwen2vl.synth import make_sample
+from qwen2vl.synth.dataset import conversation
+from qwen2vl.synth.labels import CHARS, HEADS, ITEM_HEADS, scene_labels
+from qwen2vl.synth.world import COLOURS, SHAPES
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return load_processor(Path(__file__).parents[2] / "recipes/default/model")
+
+
+def labelled(processor, task, index=0):
+    sample = make_sample(task, seed=3, index=index)
+    visuals = processor.encode(conversation(sample, answer=False)).visuals
+    grids = [v.grid_thw for v in visuals]
+    return sample, grids, scene_labels(sample, grids, processor.media.merge_size)
+
+
+@pytest.mark.parametrize("task", ["shape", "count", "ocr", "compare", "video_direction"])
+def test_one_label_per_merged_token(processor, task):
+    _, grids, labels = labelled(processor, task)
+    assert len(labels) == len(grids)
+    for (t, h, w), lab in zip(grids, labels, strict=True):
+        n = t * (h // 2) * (w // 2)
+        for name, classes in HEADS.items():
+            assert lab.tokens[name].shape == (n,)
+            assert 0 <= lab.tokens[name].min() and lab.tokens[name].max() < classes
+        assert lab.box.shape == (n, 4) and lab.where.shape == (n, 2)
+        assert np.all((lab.where > 0) & (lab.where < 1))
+        assert set(lab.item) == set(ITEM_HEADS)
+
+
+def test_shape_labels_name_the_drawn_object_and_its_box(processor):
+    for index in range(5):
+        sample, _, (lab,) = labelled(processor, "shape", index)
+        (shape,) = sample.shapes_of(0)
+        on = lab.tokens["colour"] > 0
+        assert on.any()
+        assert set(lab.tokens["colour"][on]) == {list(COLOURS).index(shape.colour) + 1}
+        assert set(lab.tokens["kind"][on]) == {SHAPES.index(shape.kind) + 1}
+        width, height = sample.images[0].size
+        x0, y0, x1, y1 = shape.corners
+        assert np.allclose(lab.box[on], [x0 / width, y0 / height, x1 / width, y1 / height])
+        # the labelled cells sit inside the object's box
+        assert np.all(lab.where[on, 0] > x0 / width - 0.25)
+        assert np.all(lab.where[on, 0] < x1 / width + 0.25)
+        assert lab.sets["colours"].sum() == 1 and lab.sets["kinds"].sum() == 1
+        assert lab.item["count"] == 1 and lab.item["direction"] == -1
+
+
+def test_ocr_labels_spell_the_text(processor):
+    for index in range(5):
+        sample, _, (lab,) = labelled(processor, "ocr", index)
+        text = str(sample.target)
+        spelled = [CHARS[lab.item[f"text_{k}"] - 1] for k in range(len(text))]
+        assert "".join(spelled) == text
+        # characters are labelled in the token half holding their centre, with their place
+        placed = {}
+        for side in ("left", "right"):
+            for char, idx in zip(
+                lab.tokens[f"char_{side}"], lab.tokens[f"index_{side}"], strict=True
+            ):
+                if char:
+                    placed[int(idx) - 1] = CHARS[char - 1]
+        # (two narrow glyphs may share a half: the first keeps it)
+        assert all(text[k] == char for k, char in placed.items())
+        assert len(placed) >= len(text) / 2
+
+
+def test_video_labels_carry_the_motion(processor):
+    sample, grids, labels = labelled(processor, "video_direction")
+    lab = labels[-1]
+    assert grids[-1][0] == len(sample.video) // 2
+    assert lab.item["direction"] >= 0 and lab.item["count"] == -1
