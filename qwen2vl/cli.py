@@ -6,7 +6,7 @@ qwen2vl eval [--model DIR] [--n N] [--tasks TASK...]
 qwen2vl tokens [--model DIR] [--image PATH]... [--video PATH]... [FILE...]
 qwen2vl serve [--model DIR] [...]   (qwen2vl serve --help)
 qwen2vl train [...]                 (qwen2vl train --help)
-qwen2vl init ARCH_DIR --output DIR [--seed N]
+qwen2vl init ARCH_DIR --output DIR [--seed N] [--std fan-in|F] [--embed-std F]
 qwen2vl pretrain-vision --model DIR --output DIR [--steps N ...]
 qwen2vl bench [...]                 (python -m qwen2vl.bench --help)
 
@@ -171,7 +171,10 @@ def _init(args: argparse.Namespace) -> int:
     try:
         std = None if args.std == "fan-in" else float(args.std)
     except ValueError:
-        print(f"error: --std takes a number or 'fan-in', got {args.std!r}", file=sys.stderr)
+        std = -1.0
+    if (std is not None and not std > 0) or (args.embed_std is not None and not args.embed_std > 0):
+        print("error: --std takes a number > 0 or 'fan-in'; --embed-std a number > 0",
+              file=sys.stderr)  # fmt: skip
         return 2
     out = write_initial(
         args.architecture, args.output, seed=args.seed, std=std, embed_std=args.embed_std

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Trains the embedded default model (qwen2vl/assets/Qwen2-VL-Tiny-Synth) from nothing, on the
 # synthetic world, with the recipe in recipes/default/, and installs it with its training log,
-# loss curve and eval table. About 30 minutes on 2 CPU cores; every step is seeded.
+# loss curve and eval table. About 25 minutes on 2 CPU cores; every step is seeded.
 #
 #   bash scripts/train_default_model.sh [BUILD_DIR]        (default build/default_model)
 #
-# Steps: data (one fresh set per stage) -> init -> vision pretraining -> LLM warm-up on blind
-# text -> stage 1 (ViT + merger) -> stage 2 (all) -> stage 3 (LLM + merger) -> eval -> install.
+# Steps: data (one fresh set per stage) -> init -> vision pretraining -> warm-up (LLM + merger
+# learn to read the frozen ViT) -> stage 1 (ViT + merger) -> stage 2 (all) -> stage 3 (LLM +
+# merger) -> eval -> install.
 # QWEN2VL_RECIPE_SCALE (default 1) multiplies every sample count and step count, e.g. 0.01 for
 # a smoke run of the whole chain in a minute; only scale 1 installs the model.
 set -euo pipefail
@@ -26,13 +27,13 @@ run() { say "\$ $*"; "$@" 2>&1 | tee -a "$LOG"; }
 T0=$(date +%s)
 
 say "data: one synthetic set per stage, seeds 100..104 (eval draws seed 1000001)"
-run $PY -m qwen2vl.synth --out "$B/data/warmup" --seed 100 --n "$(n 1500)" --text-only
-run $PY -m qwen2vl.synth --out "$B/data/stage1" --seed 101 --n "$(n 600)"
-run $PY -m qwen2vl.synth --out "$B/data/stage2" --seed 102 --n "$(n 5000)"
-run $PY -m qwen2vl.synth --out "$B/data/stage3" --seed 103 --n "$(n 900)"
+run $PY -m qwen2vl.synth --out "$B/data/warmup" --seed 100 --n "$(n 2000)"
+run $PY -m qwen2vl.synth --out "$B/data/stage1" --seed 101 --n "$(n 300)"
+run $PY -m qwen2vl.synth --out "$B/data/stage2" --seed 102 --n "$(n 1000)"
+run $PY -m qwen2vl.synth --out "$B/data/stage3" --seed 103 --n "$(n 4000)"
 
 run $Q init "$R/model" --output "$B/init" --seed 0 --std fan-in --embed-std 0.125
-run $Q pretrain-vision --model "$B/init" --output "$B/vision" --steps "$(n 1500)" \
+run $Q pretrain-vision --model "$B/init" --output "$B/vision" --steps "$(n 2000)" \
     --pool "$(n 7000)" --seed 104 --log-every 100
 run $Q train --config "$R/warmup.yaml" --model "$B/vision" --data "$B/data/warmup/data.jsonl" \
     --output "$B/warmup"

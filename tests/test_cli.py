@@ -90,3 +90,20 @@ def test_tokens_reports_the_plan(picture):
 def test_bad_media_is_a_clear_error_and_exit_2(ckpt):
     run = qwen2vl("tokens", "--image", "/no/such/file.png")
     assert run.returncode == 2 and run.stderr.startswith("error:")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["init", "recipes/default/model", "--output", "OUT", "--std", "0"],
+        ["init", "recipes/default/model", "--output", "OUT", "--std", "wide"],
+        ["init", "recipes/default/model", "--output", "OUT", "--embed-std", "-1"],
+        ["pretrain-vision", "--model", "recipes/default/model", "--output", "OUT", "--steps", "0"],
+        ["eval", "--model", "recipes/default/model", "--n", "0"],
+    ],
+)
+def test_bad_numbers_are_refused_before_any_work(args, tmp_path):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    r = qwen2vl(*args)
+    assert r.returncode == 2 and "error:" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()

@@ -93,10 +93,11 @@ def _ask(pipeline, sample: Sample, out: Path) -> DemoAnswer:
     ids = [t for t in completion.token_ids if t not in stops]
     reply = pipeline.processor.decode(ids, skip_special_tokens=False)
     media = images + ([frames[0].parent.with_suffix(".gif")] if frames else [])
+    # a grounding answer is right by its box (IoU >= 0.5), so show the box it should have
+    expected = sample.answer if sample.task == "grounding" else str(sample.target)
     return DemoAnswer(
-        sample.task, sample.question, media, reply, str(sample.target),
-        SCORERS[sample.task](sample, reply),
-    )  # fmt: skip
+        sample.task, sample.question, media, reply, expected, SCORERS[sample.task](sample, reply)
+    )
 
 
 def _write_media(sample: Sample, out: Path) -> tuple[list[Path], list[Path] | None]:

@@ -35,6 +35,9 @@ def init_model(
     """A float32 Qwen2VL with freshly drawn weights, on the CPU. std=None draws each matrix with
     std 1/sqrt(fan_in) instead (signals keep their scale through a narrow model; transformers'
     0.02 is sized for widths near 1000); embed_std overrides the embeddings' std."""
+    for name, value in (("std", std), ("embed_std", embed_std)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0 (or None), got {value}")
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = Qwen2VL(cfg)
@@ -46,7 +49,7 @@ def init_model(
                 module.weight.normal_(0.0, embed_std or std or INIT_STD, generator=g)
             elif isinstance(module, (nn.Linear, nn.Conv3d)):
                 fan_in = module.weight[0].numel()
-                module.weight.normal_(0.0, std or fan_in**-0.5, generator=g)
+                module.weight.normal_(0.0, fan_in**-0.5 if std is None else std, generator=g)
                 if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):

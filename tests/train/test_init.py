@@ -55,3 +55,9 @@ def test_fan_in_init_scales_each_matrix_by_its_inputs():
         if p.dim() >= 2 and "embed_tokens" not in name:
             want = p[0].numel() ** -0.5
             assert abs(p.std().item() - want) < 0.15 * want, name
+
+
+@pytest.mark.parametrize("bad", [{"std": 0.0}, {"std": -0.02}, {"embed_std": 0.0}])
+def test_a_std_must_be_positive(bad):
+    with pytest.raises(ValueError, match="must be > 0"):
+        init_model(tiny_config(tie=True, real_vocab=True), **bad)
