@@ -242,9 +242,9 @@ def bench_reference(path: Path, batch: dict, args: argparse.Namespace) -> dict:
 
     peak_rss_reset()
     t = time.perf_counter()
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.bfloat16, device_map=str(batch["input_ids"].device)
-    ).eval()
+    # .to() rather than device_map=: device_map needs accelerate, not a dependency here
+    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
+    model = model.to(batch["input_ids"].device).eval()
     _sync()
     load = time.perf_counter() - t
     pv, grid = batch["pixel_values"], batch["image_grid_thw"]

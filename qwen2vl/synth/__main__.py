@@ -16,11 +16,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=100, help="samples per task")
     p.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=ALL_TASKS)
-    p.add_argument("--text-only", action="store_true", help="questions and answers, no media")
     args = p.parse_args(argv)
-    path = generate_dataset(
-        args.out, n_per_task=args.n, seed=args.seed, tasks=args.tasks, text_only=args.text_only
-    )
+    path = generate_dataset(args.out, n_per_task=args.n, seed=args.seed, tasks=args.tasks)
     with open(path, encoding="utf-8") as f:
         counts = Counter(json.loads(line)["task"] for line in f)
     for task in args.tasks:

@@ -55,11 +55,8 @@ def generate_dataset(
     n_per_task: Mapping[str, int] | int,
     seed: int,
     tasks: Sequence[str] = ALL_TASKS,
-    text_only: bool = False,
 ) -> Path:
-    """Write `out_dir/data.jsonl` and its media (grouped by task, in `tasks` order); the path.
-    text_only writes the questions and answers without their pictures (no media): blind text
-    for warming up a language model on the world's questions and answer formats."""
+    """Write `out_dir/data.jsonl` and its media (grouped by task, in `tasks` order); the path."""
     out = Path(out_dir)
     (out / MEDIA_DIR).mkdir(parents=True, exist_ok=True)
     path = out / DATA_FILE
@@ -67,8 +64,6 @@ def generate_dataset(
         for task, n in counts_per_task(n_per_task, tasks).items():
             for i in range(n):
                 sample = make_sample(task, seed=seed, index=i)
-                if text_only:
-                    sample.images, sample.video = [], None
                 line = record(sample, f"{task}_{i:05d}", out)
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return path
