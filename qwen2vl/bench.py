@@ -96,13 +96,17 @@ def measure_machine(device: torch.device | str = "cpu") -> dict[str, float]:
     }
 
 
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _cuda_in_use():
         torch.cuda.synchronize()
 
 
-def _best(fn: Callable[[], object], n: int) -> float:
-    fn()
+def _times(fn: Callable[[], object], n: int) -> list[float]:
+    """Seconds of each of n calls, the device's queued work included."""
     times = []
     for _ in range(n):
         _sync()
@@ -110,20 +114,18 @@ def _best(fn: Callable[[], object], n: int) -> float:
         fn()
         _sync()
         times.append(time.perf_counter() - t)
-    return min(times)
+    return times
+
+
+def _best(fn: Callable[[], object], n: int) -> float:
+    fn()
+    return min(_times(fn, n))
 
 
 def _median(fn: Callable[[], object], n: int) -> float:
     if n > 1:  # warm up; single runs of slow steps are timed cold
         fn()
-    times = []
-    for _ in range(n):
-        _sync()
-        t = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(_times(fn, n))
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -188,7 +190,7 @@ def bytes_per_token(path: Path) -> int:
 
 def peak_rss_reset() -> None:
     gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _cuda_in_use():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
@@ -196,7 +198,7 @@ def peak_rss_reset() -> None:
 
 def peak_rss() -> int:
     """Peak resident memory; on CUDA the peak allocated GPU memory (what bounds batch sizes)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _cuda_in_use():
         return torch.cuda.max_memory_allocated()
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):

@@ -157,7 +157,8 @@ def _init_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--std",
-        default="0.02",
+        type=_std,
+        default=0.02,
         help="std of the weight matrices, or 'fan-in' for 1/sqrt(fan_in) each (default: 0.02, "
         "as transformers)",
     )
@@ -165,20 +166,25 @@ def _init_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_init)
 
 
+def _std(text: str) -> float | None:
+    if text == "fan-in":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'fan-in', not {text!r}") from None
+
+
 def _init(args: argparse.Namespace) -> int:
     from qwen2vl.train.init import write_initial
 
-    try:
-        std = None if args.std == "fan-in" else float(args.std)
-    except ValueError:
-        std = -1.0
-    if (std is not None and not std > 0) or (args.embed_std is not None and not args.embed_std > 0):
-        print("error: --std takes a number > 0 or 'fan-in'; --embed-std a number > 0",
-              file=sys.stderr)  # fmt: skip
+    try:  # init_model checks the stds before anything is written
+        out = write_initial(
+            args.architecture, args.output, seed=args.seed, std=args.std, embed_std=args.embed_std
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    out = write_initial(
-        args.architecture, args.output, seed=args.seed, std=std, embed_std=args.embed_std
-    )
     print(f"wrote a new model (seed {args.seed}) to {out}")
     return 0
 
@@ -204,12 +210,14 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     from qwen2vl.synth.pretrain import PretrainConfig, pretrain_vision
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
-    if min(args.steps, args.batch, args.pool) < 1:
-        print("error: --steps, --batch and --pool must be >= 1", file=sys.stderr)
+    try:
+        cfg = PretrainConfig(**options)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    pretrain_vision(PretrainConfig(**options))
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    pretrain_vision(cfg)
     print(f"vision pretrained: {args.output}")
     return 0
 

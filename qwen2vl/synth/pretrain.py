@@ -53,6 +53,13 @@ class PretrainConfig:
     tasks: list[str] = field(default_factory=lambda: list(ALL_TASKS))
     log_every: int = 50
 
+    def __post_init__(self) -> None:
+        # an empty pool would leave the epoch loop in `_order` drawing nothing forever
+        if min(self.steps, self.batch, self.pool, self.log_every) < 1:
+            raise ValueError("steps, batch, pool and log_every must be >= 1")
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task")
+
 
 @dataclass
 class _Item:

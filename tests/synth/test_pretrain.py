@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import qwen2vl
@@ -37,3 +38,9 @@ def test_pretrain_vision_trains_the_vit_alone(tmp_path):
     assert json.loads(lines[0])["config"]["steps"] == 24
     assert len(lines) == 1 + len(records)
     assert (Path(cfg.output) / "preprocessor_config.json").is_file()
+
+
+def test_an_empty_run_is_refused_up_front():
+    for bad in ({"pool": 0}, {"steps": 0}, {"batch": 0}, {"tasks": []}):
+        with pytest.raises(ValueError):
+            PretrainConfig(model="m", output="o", **bad)
