@@ -1,25 +1,32 @@
-"""Float32 compute for bf16/fp16 weights on CPUs without bf16 matrix units.
+"""How the model's matmuls run on CPU: decode rows in the GEMV kernel, big matmuls in the fastest
+dtype this CPU has.
 
-On such CPUs (AVX2, most AVX-512 parts) a bf16 matmul runs several times slower than a float32 one,
-so a prefill or a vision encoder in bf16 is compute-bound far below what the machine can do. The
-swap below keeps the weights in their storage dtype (memory and decode bandwidth unchanged) and
-runs every matmul with many rows in float32: the weight is widened into a reused workspace (a
-fresh buffer per call would page-fault on every use), multiplied, and the result cast back.
-Matmuls with few rows (decode) stay in the storage dtype: they are memory-bound, PyTorch's bf16
-GEMV already streams near the memory bandwidth, and widening would triple the bytes moved.
+Two regimes, chosen per call by the number of activation rows:
+- Few rows (decode, up to ``gemv.MAX_ROWS``): memory-bound; ``gemv.py``'s kernel streams the bf16
+  (or int8) weights near the memory bandwidth. PyTorch's kernel where it is unavailable.
+- Many rows (prefill, the vision tower, from ``MIN_ROWS``): compute-bound. CPUs with bf16 matrix
+  instructions (AVX512-BF16, AMX) run bf16 matmuls several times faster than float32; CPUs
+  without them (AVX2, older AVX-512) several times slower (measured: 1 vs 166 GFLOP/s on an AVX2
+  machine, 915 vs 209 on an AVX512-BF16 one). Which one this CPU is gets measured once; on the
+  slow kind the weight is widened into a reused float32 workspace (a fresh buffer per call would
+  page-fault on every use), multiplied, and the result cast back.
+The weights stay in their storage dtype either way (memory and decode bandwidth unchanged).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen2vl.generation import gemv
 from qwen2vl.model.vision import PatchEmbed
 
-MIN_ROWS = 64  # below this the bf16 kernel wins (measured on a 2-core AVX2 machine)
+MIN_ROWS = 64  # below this a half-precision matmul is memory-bound: never widened
 _local = threading.local()
 
 
@@ -31,36 +38,60 @@ def widened(w: torch.Tensor) -> torch.Tensor:
     return ws[: w.numel()].view(w.shape).copy_(w)
 
 
+@functools.cache
+def half_matmul_is_slow(dtype: torch.dtype) -> bool:
+    """Whether a (MIN_ROWS*2)-row matmul in ``dtype`` is slower here than widening to float32.
+
+    Measured once per process on a 128 x 512 x 512 product (under 0.1 s on the slow kind)."""
+    x = torch.randn(2 * MIN_ROWS, 512).to(dtype)
+    w = torch.randn(512, 512).to(dtype)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    native = best(lambda: F.linear(x, w))
+    wide = best(lambda: F.linear(x.float(), widened(w)).to(dtype))
+    return native > wide
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-class UpcastLinear(nn.Linear):
+class CPULinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _rows(x)
-        if rows < MIN_ROWS or x.dtype == torch.float32:
+        if gemv.usable(x, self.weight):
+            return gemv.linear(x, self.weight, bias=self.bias)
+        w = self.weight
+        if _rows(x) < MIN_ROWS or w.dtype == torch.float32 or not half_matmul_is_slow(w.dtype):
             return super().forward(x)
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), widened(self.weight), bias).to(x.dtype)
+        return F.linear(x.float(), widened(w), bias).to(x.dtype)
 
 
-class UpcastPatchEmbed(PatchEmbed):
+class CPUPatchEmbed(PatchEmbed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight
-        if _rows(x) < MIN_ROWS or w.dtype == torch.float32:
+        if _rows(x) < MIN_ROWS or w.dtype == torch.float32 or not half_matmul_is_slow(w.dtype):
             return super().forward(x)
         return F.linear(x.float(), widened(w.flatten(1))).to(w.dtype)
 
 
-def upcast_matmuls(model: nn.Module) -> nn.Module:
-    """In place: every plain nn.Linear and the patch embedding compute large matmuls in float32.
+def cpu_matmuls(model: nn.Module) -> nn.Module:
+    """In place: every plain nn.Linear and the patch embedding take the CPU paths above.
 
     Parameters and their names are untouched (the swap changes classes only), so state dicts,
-    int8 quantisation and saving work as before. A no-op for float32 models.
+    int8 quantisation and saving work as before. Float32 models keep PyTorch's kernels.
     """
     for module in model.modules():
         if type(module) is nn.Linear:
-            module.__class__ = UpcastLinear
+            module.__class__ = CPULinear
         elif type(module) is PatchEmbed:
-            module.__class__ = UpcastPatchEmbed
+            module.__class__ = CPUPatchEmbed
     return model

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from qwen2vl.generation.compute import upcast_matmuls
+from qwen2vl.generation.compute import cpu_matmuls
 from qwen2vl.generation.generate import Generator, generate
 from qwen2vl.generation.kv_cache import KVCache
 from qwen2vl.generation.quantize import quantize_int8
@@ -80,7 +80,7 @@ class Pipeline:
         """``progress(done, total)`` follows weight loading (see ``load_model``)."""
         model = load_model(path, dtype=dtype, device=device, progress=progress)
         if torch.device(device).type == "cpu":
-            upcast_matmuls(model)
+            cpu_matmuls(model)
         if quantize == "int8":
             quantize_int8(model)
         elif quantize is not None:

@@ -1,10 +1,11 @@
 """Weight-only int8 quantisation as a module swap after construction.
 
 Each output channel of a Linear weight [N, K] gets one scale = max|w| / 127; weights are stored as
-int8 and multiplied on the fly. Decode rows on CPU use PyTorch's fused ``_weight_int8pack_mm``,
-which reads the int8 weights directly (half the bytes of bf16: decode speed is bound by those
-bytes); prefill-sized inputs dequantise into float32 (compute.py); elsewhere the weight is
-dequantised per call.
+int8 and multiplied on the fly. Decode rows on CPU read the int8 weights directly (half the bytes
+of bf16: decode speed is bound by those bytes): the GEMV kernel (gemv.py), else PyTorch's fused
+``_weight_int8pack_mm``. Prefill-sized inputs dequantise into a workspace (float32 where this
+CPU's half-precision matmuls are slow, see compute.py); elsewhere the weight is dequantised per
+call.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen2vl.generation import compute, gemv
 from qwen2vl.generation.compute import MIN_ROWS, widened
 
 LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -27,19 +29,24 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
         q, scale = quantize_per_channel(linear.weight.detach())
         self.register_buffer("weight", q)
-        self.register_buffer("scales", scale.to(dtype))
+        self.register_buffer("scales", scale)  # float32: exact max|w| / 127
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if gemv.usable(x, self.weight):
+            return gemv.linear(x, self.weight, self.scales, self.bias)
         if rows >= MIN_ROWS and x.device.type == "cpu":  # prefill: compute-bound, see compute.py
-            w = widened(self.weight).mul_(self.scales.float()[:, None])
-            out = F.linear(x.float(), w).to(x.dtype)
+            w = widened(self.weight).mul_(self.scales[:, None])
+            if x.dtype == torch.float32 or compute.half_matmul_is_slow(x.dtype):
+                out = F.linear(x.float(), w).to(x.dtype)
+            else:
+                out = F.linear(x, w.to(x.dtype))
         elif x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
             out = torch._weight_int8pack_mm(
                 x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype)
@@ -65,5 +72,5 @@ def quantize_int8(model: nn.Module, *, vision: bool = False, lm_head: bool = Tru
             if in_llm or in_vit or (lm_head and full == "lm_head"):
                 targets.append((module, child_name, child))
     for parent, child_name, child in targets:
-        setattr(parent, child_name, Int8Linear(child, child.weight.dtype))
+        setattr(parent, child_name, Int8Linear(child))
     return model

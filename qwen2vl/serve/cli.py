@@ -104,6 +104,7 @@ def build_app(args: argparse.Namespace):
     """Load the model and return the FastAPI app (the engine starts with the app)."""
     from qwen2vl.config import Qwen2VLConfig
     from qwen2vl.default_model import model_or_default
+    from qwen2vl.generation.compute import cpu_matmuls
     from qwen2vl.generation.quantize import quantize_int8
     from qwen2vl.processor import load_processor
     from qwen2vl.serve.app import ServerConfig, create_app
@@ -115,7 +116,7 @@ def build_app(args: argparse.Namespace):
     defaults, eos = generation_config(path)
     native = Qwen2VLConfig.from_file(path / "config.json").text.max_position_embeddings
     max_len = args.max_model_len or min(native, DEFAULT_MAX_MODEL_LEN)
-    model = load_model(path, dtype=args.dtype)
+    model = cpu_matmuls(load_model(path, dtype=args.dtype))
     if args.quantize == "int8":
         quantize_int8(model)
     processor = load_processor(

@@ -3,6 +3,7 @@ import torch
 from tiny_qwen2vl import IMAGE, VEND, VSTART, tiny_model
 
 from qwen2vl.errors import Qwen2VLError
+from qwen2vl.generation import gemv
 from qwen2vl.generation.generate import Generator, generate
 from qwen2vl.generation.kv_cache import KVCache
 from qwen2vl.generation.quantize import Int8Linear, quantize_int8
@@ -147,9 +148,12 @@ def test_int8_logits_stay_close_to_bf16():
     assert rel < 0.03, rel
 
 
-def test_int8_fallback_path_matches_dequantised_weights():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_int8_decode_rows_match_dequantised_weights(kernel, monkeypatch):
+    if not kernel:  # PyTorch's path, where the GEMV kernel is unavailable
+        monkeypatch.setattr(gemv, "available", lambda: False)
     lin = torch.nn.Linear(16, 8)
-    q = Int8Linear(lin, torch.float32)
+    q = Int8Linear(lin)
     x = torch.randn(3, 16)
     want = x @ (q.weight.float() * q.scales[:, None]).t() + lin.bias
     assert torch.allclose(q(x), want, atol=1e-5)

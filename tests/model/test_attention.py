@@ -1,6 +1,6 @@
 import torch
 
-from qwen2vl.model.attention import attention, causal_mask
+from qwen2vl.model.attention import attention, causal_mask, one_query_attention
 
 
 def qkv(B, H, K, T, D=8, seed=0):
@@ -55,3 +55,23 @@ def test_padding_rows_never_produce_nan():
     # real tokens of the padded row equal the same tokens run without the padding
     alone = attention(q[:1, :, 3:], k[:1, :, 3:], v[:1, :, 3:], causal=True)
     assert torch.allclose(out[:1, :, 3:], alone, atol=1e-5)
+
+
+def test_one_query_decode_path_equals_sdpa_with_grouped_heads_and_padding():
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 1, 16)
+    k, v = torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16)
+    pad = torch.ones(2, 9, dtype=torch.long)
+    pad[1, :4] = 0  # the second row is left-padded
+    mask = causal_mask(pad, 2, 1, 9, q.device)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=True
+    )
+    assert torch.allclose(one_query_attention(q, k, v, mask), want, atol=1e-6)
+    assert torch.allclose(attention(q, k, v, causal=True, mask=mask), want, atol=1e-6)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.allclose(attention(q, k, v, causal=True), full, atol=1e-6)
+    bf = [t.bfloat16() for t in (q, k, v)]
+    got = attention(*bf, causal=True)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), full, atol=3e-2)

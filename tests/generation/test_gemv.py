@@ -1,0 +1,67 @@
+import platform
+
+import pytest
+import torch
+
+from qwen2vl.generation import gemv
+from qwen2vl.generation.quantize import quantize_per_channel
+
+needs_kernel = pytest.mark.skipif(
+    platform.machine() != "x86_64", reason="the kernel is built for x86-64 only"
+)
+
+
+@needs_kernel
+def test_kernel_builds_on_this_machine():
+    assert gemv.available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 16])
+@pytest.mark.parametrize("k", [64, 70, 9000])  # 70, 9000: a scalar tail; 9000 with rows: R=4
+@pytest.mark.parametrize("n", [1, 7, 130])  # not multiples of the 4-row tile
+def test_bf16_matches_float64(rows, k, n):
+    g = torch.Generator().manual_seed(rows * k + n)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    want = x.double() @ w.double().T + b.double()
+    got = gemv.linear(x, w, bias=b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    # float32 accumulation, then one bf16 rounding of the result
+    tol = 2**-8 * want.abs() + 1e-4 * k**0.5
+    assert ((got.double() - want).abs() <= tol).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int8_applies_per_channel_scales_and_bias(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 96, generator=g).to(dtype)  # leading dims are kept
+    q, scales = quantize_per_channel(torch.randn(33, 96, generator=g))
+    bias = torch.randn(33, generator=g)
+    want = x.double() @ (q.double() * scales.double()[:, None]).T + bias.double()
+    got = gemv.linear(x, q, scales.to(dtype), bias.to(dtype))
+    assert got.dtype == dtype and got.shape == (2, 3, 33)
+    rel = (got.double() - want).abs().max() / want.abs().max()
+    assert rel < (1e-2 if dtype != torch.float32 else 1e-6)
+
+
+def test_usable_only_for_cpu_decode_rows_of_supported_dtypes():
+    w = torch.zeros(8, 32, dtype=torch.bfloat16)
+    few = torch.zeros(gemv.MAX_ROWS, 32, dtype=torch.bfloat16)
+    many = torch.zeros(gemv.MAX_ROWS + 1, 32, dtype=torch.bfloat16)
+    assert gemv.usable(few, w) == gemv.available()
+    assert not gemv.usable(many, w)
+    assert not gemv.usable(few, w.float())  # float32 weights: PyTorch's kernels
+    assert not gemv.usable(few, w.t().contiguous().t())  # a transposed view
+
+
+def test_turned_off_by_environment(monkeypatch):
+    monkeypatch.setenv("QWEN2VL_KERNELS", "0")
+    gemv._load.cache_clear()
+    try:
+        assert not gemv.available()
+    finally:
+        monkeypatch.undo()
+        gemv._load.cache_clear()
