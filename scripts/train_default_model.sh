@@ -33,7 +33,7 @@ run $PY -m qwen2vl.synth --out "$B/data/stage2" --seed 102 --n "$(n 1000)"
 run $PY -m qwen2vl.synth --out "$B/data/stage3" --seed 103 --n "$(n 4000)"
 
 run $Q init "$R/model" --output "$B/init" --seed 0 --std fan-in --embed-std 0.125
-run $Q pretrain-vision --model "$B/init" --output "$B/vision" --steps "$(n 2000)" \
+run $Q pretrain-vision --model "$B/init" --output "$B/vision" --steps "$(n 2600)" \
     --pool "$(n 7000)" --seed 104 --log-every 100
 run $Q train --config "$R/warmup.yaml" --model "$B/vision" --data "$B/data/warmup/data.jsonl" \
     --output "$B/warmup"

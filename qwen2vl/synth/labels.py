@@ -12,6 +12,7 @@ merged token (the 2x2-patch cell one LLM token stands for), in the merger's outp
     char, index       the character whose centre lies in the cell's left / right half and its
                       place in the text (0 = none); one half is one 14-pixel patch column
     count             objects in the image; direction, bounces for videos (-1 = no label)
+    shape             the kind of the item's only object (-1 unless it shows exactly one)
     text_k            the text's k-th character (0 = the text is shorter)
     colours, kinds    which colours and kinds occur (multi-hot)
 
@@ -39,9 +40,10 @@ HEADS = {  # per-token classification heads: name -> classes
     "index_left": MAX_TEXT + 1,
     "index_right": MAX_TEXT + 1,
 }
-# Per image / video, read from the mean of its tokens (what an LLM head attending evenly sees).
+# Per image / video, read from an attention-weighted mean of its tokens (what an LLM head can do).
 ITEM_HEADS = {
     "count": 7,
+    "shape": len(SHAPES),
     "direction": len(DIRECTIONS),
     "bounces": 4,
     **{f"text_{k}": len(CHARS) + 1 for k in range(MAX_TEXT)},  # k-th character, 0 = none
@@ -98,6 +100,8 @@ def _item_values(sample: Sample, shapes: list[Shape]) -> dict[str, int]:
     values = dict.fromkeys(ITEM_HEADS, -1)
     if sample.video is None and sample.task != "ocr":
         values["count"] = len(shapes)
+    if len(shapes) == 1:
+        values["shape"] = SHAPES.index(shapes[0].kind)
     if sample.task == "ocr":
         text = str(sample.target)
         for k in range(MAX_TEXT):

@@ -8,8 +8,8 @@ the default model: after 16k shape questions it still could not tell a square fr
 while the same ViT with a direct readout learns it from 25k pictures in a minute). So the
 recipe pretrains the tower first, with throwaway linear heads on the merger's output tokens
 that predict the scene's dense labels (`labels.py`: what object covers each token, its box,
-where the token is, which character it shows) and a few per-item values (object count, video
-motion). Only the ViT and the merger are trained; the LLM weights are copied through untouched.
+where the token is, which character it shows) and, through attention pooling, a few per-item
+values (a lone object's shape, object count, text, video motion). Only the ViT and the merger are trained; the LLM weights are copied through untouched.
 
 Samples come from a pool of `pool` scenes (drawn from `seed`, processed once), read in a seeded
 order, epoch after epoch: the run is a fixed function of its config.
@@ -30,12 +30,18 @@ from torch import nn
 
 from qwen2vl.processor import Processor, load_processor
 from qwen2vl.synth.dataset import conversation, make_sample
-from qwen2vl.synth.labels import HEADS, ITEM_HEADS, ITEM_SETS, ItemLabels, scene_labels
+from qwen2vl.synth.labels import HEADS, ITEM_HEADS, ITEM_SETS, MAX_TEXT, ItemLabels, scene_labels
 from qwen2vl.synth.tasks import ALL_TASKS
 from qwen2vl.train.checkpoint import copy_processor_files
 from qwen2vl.weights import load_model, save_pretrained
 
 log = logging.getLogger("qwen2vl.synth.pretrain")
+# Loss weights (1 when absent). The summed gradient is clipped as one, so a head's weight is its
+# share of every step: the lone object's shape is labelled on few items per batch and was not
+# learnt at weight 1 (loss 1.16 of 1.61 at chance after 2000 steps); count at weight 3 took a
+# probe on the pooled features from 60 to 71 % (measured); and the four text heads'
+# large losses crowd out the rest (at 0.25 every vision head ended lower, measured).
+LOSS_WEIGHTS = {"shape": 4.0, "count": 3.0, **{f"text_{k}": 0.25 for k in range(MAX_TEXT)}}
 _NOT_LOSSES = ("step", "lr", "time")
 
 
@@ -69,15 +75,31 @@ class _Item:
 
 
 class Heads(nn.Module):
-    """Linear readouts of the merger's output tokens (per token) and of their mean (per item)."""
+    """Linear readouts of the merger's output tokens: per token, and per item through attention
+    pooling (each item head weighs the item's tokens by its own learnt score, as an LLM head
+    attending to the picture can). With a plain mean the shape of a lone object was not learnt:
+    a probe on the pooled features of such a ViT read 46 % of shapes, while the same ViT trained
+    through attention pooling on a shape label reached 95 % in 1,200 steps (measured)."""
 
     def __init__(self, width: int):
         super().__init__()
         self.token = nn.ModuleDict({k: nn.Linear(width, n) for k, n in HEADS.items()})
         self.item = nn.ModuleDict({k: nn.Linear(width, n) for k, n in ITEM_HEADS.items()})
         self.sets = nn.ModuleDict({k: nn.Linear(width, n) for k, n in ITEM_SETS.items()})
+        self.score = nn.ModuleDict({k: nn.Linear(width, 1) for k in [*ITEM_HEADS, *ITEM_SETS]})
         self.box = nn.Linear(width, 4)
         self.where = nn.Linear(width, 2)
+
+    def pool(self, name: str, feats: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """[items, E]: each item's tokens (consecutive `sizes` rows of feats) weighted by head
+        `name`'s softmax scores."""
+        scores = self.score[name](feats).squeeze(-1)
+        return torch.stack(
+            [
+                (w.softmax(0)[:, None] * f).sum(0)
+                for w, f in zip(scores.split(sizes), feats.split(sizes), strict=True)
+            ]
+        )
 
 
 def encode_pool(processor: Processor, cfg: PretrainConfig) -> list[_Item]:
@@ -110,14 +132,14 @@ def losses(heads: Heads, feats: torch.Tensor, items: list[_Item]) -> dict[str, t
         out["box"] = F.l1_loss(heads.box(feats[on]).sigmoid(), box[on])
     out["where"] = F.l1_loss(heads.where(feats).sigmoid(), cat(it.labels.where for it in items))
     sizes = [len(it.labels.where) for it in items]
-    pooled = torch.stack([f.mean(0) for f in feats.split(sizes)])
     for name, head in heads.item.items():
         target = torch.tensor([it.labels.item[name] for it in items])
         if (target >= 0).any():
+            pooled = heads.pool(name, feats, sizes)
             out[name] = F.cross_entropy(head(pooled), target, ignore_index=-1)
     for name, head in heads.sets.items():
         target = torch.from_numpy(np.stack([it.labels.sets[name] for it in items]))
-        out[name] = F.binary_cross_entropy_with_logits(head(pooled), target)
+        out[name] = F.binary_cross_entropy_with_logits(head(heads.pool(name, feats, sizes)), target)
     return out
 
 
@@ -146,7 +168,7 @@ def pretrain_vision(cfg: PretrainConfig) -> list[dict[str, float]]:
         pv = torch.cat([it.pixel_values for it in batch])
         grid = torch.tensor([it.grid for it in batch])
         parts = losses(heads, vit(pv, grid), batch)
-        total = sum(parts.values())
+        total = sum(LOSS_WEIGHTS.get(k, 1.0) * v for k, v in parts.items())
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -57,6 +57,17 @@ def test_shape_labels_name_the_drawn_object_and_its_box(processor):
         assert np.all(lab.where[on, 0] < x1 / width + 0.25)
         assert lab.sets["colours"].sum() == 1 and lab.sets["kinds"].sum() == 1
         assert lab.item["count"] == 1 and lab.item["direction"] == -1
+        assert lab.item["shape"] == SHAPES.index(shape.kind)
+
+
+def test_the_item_shape_label_needs_exactly_one_object(processor):
+    for index in range(8):
+        sample, _, (lab,) = labelled(processor, "count", index)
+        shapes = sample.shapes_of(0)
+        want = SHAPES.index(shapes[0].kind) if len(shapes) == 1 else -1
+        assert lab.item["shape"] == want
+    sample, _, labels = labelled(processor, "video_direction")
+    assert labels[-1].item["shape"] == SHAPES.index(sample.shapes[0].kind)
 
 
 def test_ocr_labels_spell_the_text(processor):
