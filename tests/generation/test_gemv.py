@@ -65,3 +65,23 @@ def test_turned_off_by_environment(monkeypatch):
     finally:
         monkeypatch.undo()
         gemv._load.cache_clear()
+
+
+@needs_kernel
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    gemv._load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+            assert not gemv.available()
+        lin = torch.nn.Linear(32, 8).bfloat16()
+        x = torch.randn(1, 32).bfloat16()
+        assert not gemv.usable(x, lin.weight)  # callers take PyTorch's kernel
+    finally:
+        monkeypatch.undo()
+        gemv._load.cache_clear()
