@@ -9,7 +9,8 @@ while the same ViT with a direct readout learns it from 25k pictures in a minute
 recipe pretrains the tower first, with throwaway linear heads on the merger's output tokens
 that predict the scene's dense labels (`labels.py`: what object covers each token, its box,
 where the token is, which character it shows) and, through attention pooling, a few per-item
-values (a lone object's shape, object count, text, video motion). Only the ViT and the merger are trained; the LLM weights are copied through untouched.
+values (a lone object's shape, object count, text, video motion). Only the ViT and the merger
+are trained; the LLM weights are copied through untouched.
 
 Samples come from a pool of `pool` scenes (drawn from `seed`, processed once), read in a seeded
 order, epoch after epoch: the run is a fixed function of its config.
