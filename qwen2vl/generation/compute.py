@@ -60,25 +60,27 @@ def half_matmul_is_slow(dtype: torch.dtype) -> bool:
     return native > wide
 
 
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1]
+def runs_widened(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a matmul of x's rows computed in ``dtype`` runs widened to float32 here: enough
+    rows to be compute-bound, a half-precision dtype, and a CPU where that dtype is slow."""
+    rows = x.numel() // x.shape[-1]
+    return rows >= MIN_ROWS and dtype != torch.float32 and half_matmul_is_slow(dtype)
 
 
 class CPULinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if gemv.usable(x, self.weight):
             return gemv.linear(x, self.weight, bias=self.bias)
-        w = self.weight
-        if _rows(x) < MIN_ROWS or w.dtype == torch.float32 or not half_matmul_is_slow(w.dtype):
+        if not runs_widened(x, self.weight.dtype):
             return super().forward(x)
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), widened(w), bias).to(x.dtype)
+        return F.linear(x.float(), widened(self.weight), bias).to(x.dtype)
 
 
 class CPUPatchEmbed(PatchEmbed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight
-        if _rows(x) < MIN_ROWS or w.dtype == torch.float32 or not half_matmul_is_slow(w.dtype):
+        if not runs_widened(x, w.dtype):
             return super().forward(x)
         return F.linear(x.float(), widened(w.flatten(1))).to(w.dtype)
 

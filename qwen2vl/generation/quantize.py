@@ -43,9 +43,9 @@ class Int8Linear(nn.Module):
             return gemv.linear(x, self.weight, self.scales, self.bias)
         if rows >= MIN_ROWS and x.device.type == "cpu":  # prefill: compute-bound, see compute.py
             w = widened(self.weight).mul_(self.scales[:, None])
-            if x.dtype == torch.float32 or compute.half_matmul_is_slow(x.dtype):
+            if compute.runs_widened(x, x.dtype):
                 out = F.linear(x.float(), w).to(x.dtype)
-            else:
+            else:  # float32 x, or a CPU with fast half-precision matmuls
                 out = F.linear(x, w.to(x.dtype))
         elif x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
             out = torch._weight_int8pack_mm(
