@@ -1,4 +1,5 @@
-"""`python -m qwen2vl.synth --out DIR --seed S --n N`: write a synthetic data set, print counts."""
+"""`python -m qwen2vl.synth --out DIR --seed S --n N [--n-task TASK=N ...]`: write a synthetic
+data set (N samples per task, or the given count for a task), print the counts."""
 
 from __future__ import annotations
 
@@ -16,8 +17,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=100, help="samples per task")
     p.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=ALL_TASKS)
+    p.add_argument(
+        "--n-task", nargs="+", default=[], metavar="TASK=N", help="another count for some tasks"
+    )
     args = p.parse_args(argv)
-    path = generate_dataset(args.out, n_per_task=args.n, seed=args.seed, tasks=args.tasks)
+    counts = dict.fromkeys(args.tasks, args.n)
+    for item in args.n_task:
+        task, _, n = item.partition("=")
+        if task not in args.tasks or not n.isdigit():
+            p.error(f"--n-task wants TASK=N with TASK one of {args.tasks}, got {item!r}")
+        counts[task] = int(n)
+    path = generate_dataset(args.out, n_per_task=counts, seed=args.seed, tasks=args.tasks)
     with open(path, encoding="utf-8") as f:
         counts = Counter(json.loads(line)["task"] for line in f)
     for task in args.tasks:

@@ -7,10 +7,16 @@ merged token (the 2x2-patch cell one LLM token stands for), in the merger's outp
 
     colour, kind      the object covering most of the cell (0 = background)
     box               that object's box, corners / image size, in [0, 1]
+    x1_hundreds ...   the hundreds digit of each of that box's corners as a grounding answer
+                      writes them (x1, y1, x2, y2 in [0, 1000); -1 off objects): the digit the
+                      LLM writes first, readable from one head (the tens digit was not learnt
+                      by such a head: its loss stayed at chance, ln 10, measured)
     where             the cell's centre / image size: absolute position, which neither rotary
-                      (relative) nor the LLM's M-RoPE (nearly flat for a 64-wide model) gives
-    char, index       the character whose centre lies in the cell's left / right half and its
-                      place in the text (0 = none); one half is one 14-pixel patch column
+                      (relative) nor the LLM's M-RoPE (nearly flat for a 64-wide model) gives;
+                      the canvas's ramps (`world.canvas`) make it visible
+    char_k            the text's k-th character if its centre lies in the cell (0 = none, -1
+                      outside OCR pictures): one head per place, so a cell holding two
+                      characters labels both and says which comes first
     count             objects in the image; direction, bounces for videos (-1 = no label)
     shape             the kind of the item's only object (-1 unless it shows exactly one)
     text_k            the text's k-th character (0 = the text is shorter)
@@ -26,19 +32,19 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from qwen2vl.grounding import Box
 from qwen2vl.synth.tasks import DIRECTIONS, Sample
 from qwen2vl.synth.world import COLOURS, SHAPES, Shape, shape_mask
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 MAX_TEXT = 4  # characters a text may have (WORDS and numbers below 10000)
 COVERED = 0.15  # share of a cell an object must cover to label it
-HEADS = {  # per-token classification heads: name -> classes
+BOX_DIGITS = ("x1_hundreds", "y1_hundreds", "x2_hundreds", "y2_hundreds")
+HEADS = {  # per-token classification heads: name -> classes (label -1: not labelled)
     "colour": len(COLOURS) + 1,
     "kind": len(SHAPES) + 1,
-    "char_left": len(CHARS) + 1,
-    "char_right": len(CHARS) + 1,
-    "index_left": MAX_TEXT + 1,
-    "index_right": MAX_TEXT + 1,
+    **{f"char_{k}": len(CHARS) + 1 for k in range(MAX_TEXT)},
+    **dict.fromkeys(BOX_DIGITS, 10),
 }
 # Per image / video, read from an attention-weighted mean of its tokens (what an LLM head can do).
 ITEM_HEADS = {
@@ -117,6 +123,7 @@ def _slot(sample: Sample, frame: Image.Image, shapes: list[Shape], rows: int, co
     width, height = frame.size
     n = rows * cols
     tokens = {name: np.zeros(n, dtype=np.int64) for name in HEADS}
+    tokens |= {name: np.full(n, -1, dtype=np.int64) for name in BOX_DIGITS}
     box = np.zeros((n, 4), dtype=np.float32)
     cover = [_coverage(shape_mask(s, width, height), rows, cols) for s in shapes]
     if cover:
@@ -128,19 +135,24 @@ def _slot(sample: Sample, frame: Image.Image, shapes: list[Shape], rows: int, co
             tokens["kind"][on] = SHAPES.index(s.kind) + 1
             x0, y0, x1, y1 = s.corners
             box[on] = (x0 / width, y0 / height, x1 / width, y1 / height)
+            written = Box.from_pixels(x0, y0, x1, y1, width, height)
+            for name, value in zip(BOX_DIGITS, _corners(written), strict=True):
+                tokens[name][on] = value // 100
+    if sample.task != "ocr":  # else the rare character tokens drown among "no text" ones
+        tokens |= {f"char_{k}": np.full(n, -1, dtype=np.int64) for k in range(MAX_TEXT)}
     for index, (char, (x0, y0, x1, y1)) in enumerate(sample.glyphs):
-        half = int((x0 + x1) / 2 / width * cols * 2)  # patch column of the glyph's centre
+        col = int((x0 + x1) / 2 / width * cols)
         row = int((y0 + y1) / 2 / height * rows)
-        side = "left" if half % 2 == 0 else "right"
-        cell = row * cols + half // 2
-        if tokens[f"char_{side}"][cell] == 0:
-            tokens[f"char_{side}"][cell] = CHARS.index(char) + 1
-            tokens[f"index_{side}"][cell] = index + 1
+        tokens[f"char_{index}"][row * cols + col] = CHARS.index(char) + 1
     ys, xs = np.meshgrid(
         (np.arange(rows) + 0.5) / rows, (np.arange(cols) + 0.5) / cols, indexing="ij"
     )
     where = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float32)
     return tokens, box, where
+
+
+def _corners(box: Box) -> tuple[int, int, int, int]:
+    return box.x1, box.y1, box.x2, box.y2
 
 
 def _coverage(mask: Image.Image, rows: int, cols: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from qwen2vl.synth.world import (
     random_look,
     random_size,
     render,
-    render_text,
+    text_mask,
 )
 
 WORDS = ("cat", "dog", "sun", "box", "red", "map", "cup", "hat", "pen", "key", "tree", "fish")
@@ -102,13 +102,13 @@ def make_ocr(rng: np.random.Generator) -> Sample:
     grey = random_grey(rng)
     colour = COLOURS[str(rng.choice(list(COLOURS)))]
     scale = int(rng.integers(2, 4))
-    glyphs = render_text(text, scale, colour, grey)
+    glyphs = text_mask(text, scale)
     width, height = random_size(rng)
     width, height = max(width, glyphs.width), max(height, glyphs.height)
     image = canvas(width, height, grey)
     x = int(rng.integers(0, width - glyphs.width + 1))
     y = int(rng.integers(0, height - glyphs.height + 1))
-    image.paste(glyphs, (x, y))
+    image.paste(colour, (x, y, x + glyphs.width, y + glyphs.height), glyphs)
     cells = [(a + x, b + y, c + x, d + y) for a, b, c, d in glyph_boxes(text, scale)]
     return Sample(
         "ocr", "What is written in the image?", text, text, [image],

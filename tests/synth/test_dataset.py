@@ -78,3 +78,12 @@ def test_module_entry_point_prints_a_count_per_task(tmp_path, capsys):
     out = capsys.readouterr().out.split("\n")
     assert out[0].split() == ["shape", "1"] and out[1].split() == ["count", "1"]
     assert (tmp_path / "data.jsonl").is_file()
+
+
+def test_module_entry_point_takes_another_count_for_a_task(tmp_path, capsys):
+    main(["--out", str(tmp_path), "--n", "1", "--tasks", "shape", "count", "--n-task", "count=2"])
+    out = capsys.readouterr().out.split("\n")
+    assert out[0].split() == ["shape", "1"] and out[1].split() == ["count", "2"]
+    for bad in ("ocr=2", "count", "count=x"):  # a task not asked for, no count, not a count
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path), "--tasks", "shape", "count", "--n-task", bad])

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qwen2vl.grounding import Box
 from qwen2vl.processor import load_processor
 from qwen2vl.synth import make_sample
 from qwen2vl.synth.dataset import conversation
-from qwen2vl.synth.labels import CHARS, HEADS, ITEM_HEADS, scene_labels
+from qwen2vl.synth.labels import BOX_DIGITS, CHARS, HEADS, ITEM_HEADS, MAX_TEXT, scene_labels
 from qwen2vl.synth.world import COLOURS, SHAPES
 
 
@@ -35,7 +36,15 @@ def test_one_label_per_merged_token(processor, task):
         n = t * (h // 2) * (w // 2)
         for name, classes in HEADS.items():
             assert lab.tokens[name].shape == (n,)
-            assert 0 <= lab.tokens[name].min() and lab.tokens[name].max() < classes
+            assert -1 <= lab.tokens[name].min() and lab.tokens[name].max() < classes
+            # box digits are labelled exactly on object tokens, characters on every token of an
+            # OCR picture, everything else on every token
+            labelled_on = True
+            if name in BOX_DIGITS:
+                labelled_on = lab.tokens["colour"] > 0
+            elif name.startswith("char_"):
+                labelled_on = task == "ocr"
+            assert np.all((lab.tokens[name] >= 0) == labelled_on)
         assert lab.box.shape == (n, 4) and lab.where.shape == (n, 2)
         assert np.all((lab.where > 0) & (lab.where < 1))
         assert set(lab.item) == set(ITEM_HEADS)
@@ -52,6 +61,12 @@ def test_shape_labels_name_the_drawn_object_and_its_box(processor):
         width, height = sample.images[0].size
         x0, y0, x1, y1 = shape.corners
         assert np.allclose(lab.box[on], [x0 / width, y0 / height, x1 / width, y1 / height])
+        # the digits the grounding answer writes for this object
+        digits = [int(lab.tokens[f"{c}_hundreds"][on][0]) for c in ("x1", "y1", "x2", "y2")]
+        box = Box.from_pixels(x0, y0, x1, y1, width, height)
+        assert digits == [v // 100 for v in (box.x1, box.y1, box.x2, box.y2)]
+        for name in BOX_DIGITS:
+            assert len(set(lab.tokens[name][on])) == 1
         # the labelled cells sit inside the object's box
         assert np.all(lab.where[on, 0] > x0 / width - 0.25)
         assert np.all(lab.where[on, 0] < x1 / width + 0.25)
@@ -72,21 +87,20 @@ def test_the_item_shape_label_needs_exactly_one_object(processor):
 
 def test_ocr_labels_spell_the_text(processor):
     for index in range(5):
-        sample, _, (lab,) = labelled(processor, "ocr", index)
+        sample, ((_, h, w),), (lab,) = labelled(processor, "ocr", index)
         text = str(sample.target)
         spelled = [CHARS[lab.item[f"text_{k}"] - 1] for k in range(len(text))]
         assert "".join(spelled) == text
-        # characters are labelled in the token half holding their centre, with their place
-        placed = {}
-        for side in ("left", "right"):
-            for char, idx in zip(
-                lab.tokens[f"char_{side}"], lab.tokens[f"index_{side}"], strict=True
-            ):
-                if char:
-                    placed[int(idx) - 1] = CHARS[char - 1]
-        # (two narrow glyphs may share a half: the first keeps it)
-        assert all(text[k] == char for k, char in placed.items())
-        assert len(placed) >= len(text) / 2
+        # the k-th character is labelled once, in the token holding its centre
+        for k, char in enumerate(text):
+            (where,) = np.nonzero(lab.tokens[f"char_{k}"])
+            assert len(where) == 1 and CHARS[lab.tokens[f"char_{k}"][where[0]] - 1] == char
+            x0, y0, x1, y1 = sample.glyphs[k][1]
+            width, height = sample.images[0].size
+            centre = np.array([(x0 + x1) / 2 / width, (y0 + y1) / 2 / height])
+            assert np.all(np.abs(lab.where[where[0]] - centre) <= [1 / w, 1 / h])  # half a cell
+        for k in range(len(text), MAX_TEXT):
+            assert not lab.tokens[f"char_{k}"].any()
 
 
 def test_video_labels_carry_the_motion(processor):

@@ -18,7 +18,7 @@ from qwen2vl.synth import (
     make_video_direction,
 )
 from qwen2vl.synth.tasks import MAX_BOUNCES, MAX_COUNT, WORDS, bounce_track
-from qwen2vl.synth.world import COLOURS, SHAPES
+from qwen2vl.synth.world import COLOURS, SHADE, SHAPES, canvas
 
 N = 24
 
@@ -27,10 +27,19 @@ def samples(make, n: int = N):
     return [make(np.random.default_rng(i)) for i in range(n)]
 
 
-def components(image) -> int:
-    """Connected (8-neighbour) regions of pixels that differ from the corner pixel."""
+def drawn(image) -> np.ndarray:
+    """[H, W] bool: pixels that differ from the blank canvas. Its grey is read from the top-left
+    pixel, where neither ramp has risen (still background in every still image: objects keep a
+    one-pixel gap, text a margin)."""
     rgb = np.asarray(image)
-    todo = (rgb != rgb[0, 0]).any(-1)
+    grey = int(rgb[0, 0, 2])
+    assert rgb[0, 0].tolist() == [grey] * 3
+    return (rgb != np.asarray(canvas(image.width, image.height, grey))).any(-1)
+
+
+def components(image) -> int:
+    """Connected (8-neighbour) regions of drawn pixels."""
+    todo = drawn(image)
     h, w = todo.shape
     count = 0
     for y, x in zip(*np.nonzero(todo), strict=True):
@@ -82,8 +91,7 @@ def test_grounding_answer_parses_back_to_the_stored_box_around_the_object():
 def test_object_boxes_are_pixel_tight_for_every_kind():
     kinds = set()
     for s in samples(make_shape, 60):
-        rgb = np.asarray(s.images[0])
-        ys, xs = np.nonzero((rgb != rgb[0, 0]).any(-1))
+        ys, xs = np.nonzero(drawn(s.images[0]))
         (shape,) = s.shapes
         assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == shape.corners
         assert s.target == shape.label and s.answer.endswith(f" {shape.label}.")
@@ -111,8 +119,9 @@ def test_compare_answer_follows_the_two_objects():
 def test_ocr_text_is_a_number_or_a_known_word_drawn_in_a_palette_colour():
     for s in samples(make_ocr):
         assert s.answer == s.target and (s.target.isdigit() or s.target in WORDS)
-        colours = {tuple(c) for c in np.asarray(s.images[0]).reshape(-1, 3)}
-        assert len(colours) == 2 and colours & set(COLOURS.values())
+        (image,) = s.images
+        colours = {tuple(c) for c in np.asarray(image)[drawn(image)]}
+        assert len(colours) == 1 and colours <= set(COLOURS.values())
 
 
 def test_video_direction_answer_matches_the_motion():
@@ -143,6 +152,16 @@ def test_bounce_count_is_the_number_of_turns_in_the_drawn_track():
 def test_bounce_track_reflects_off_both_ends():
     assert bounce_track(8, 3, 10, 4) == ([8, 9, 6, 3], 1)
     assert bounce_track(1, -3, 10, 3) == ([1, 2, 5], 1)
+
+
+def test_canvas_ramps_give_every_pixel_its_place():
+    rgb = np.asarray(canvas(60, 90, grey=20)).astype(int)
+    assert rgb[0, 0].tolist() == [20, 20, 20] and rgb[-1, -1].tolist() == [20 + SHADE] * 2 + [20]
+    assert (rgb[:, :, 2] == 20).all()
+    assert (np.diff(rgb[:, :, 0], axis=1) >= 0).all() and (np.diff(rgb[:, :, 0], axis=0) == 0).all()
+    assert (np.diff(rgb[:, :, 1], axis=0) >= 0).all() and (np.diff(rgb[:, :, 1], axis=1) == 0).all()
+    # two pixels a fifth of the canvas apart always differ
+    assert (rgb[:, 12:, 0] > rgb[:, :-12, 0]).all() and (rgb[18:, :, 1] > rgb[:-18, :, 1]).all()
 
 
 def test_images_come_in_varied_sizes_and_aspect_ratios():
