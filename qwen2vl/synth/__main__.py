@@ -21,13 +21,13 @@ def main(argv: list[str] | None = None) -> None:
         "--n-task", nargs="+", default=[], metavar="TASK=N", help="another count for some tasks"
     )
     args = p.parse_args(argv)
-    counts = dict.fromkeys(args.tasks, args.n)
+    n_per_task = dict.fromkeys(args.tasks, args.n)
     for item in args.n_task:
         task, _, n = item.partition("=")
         if task not in args.tasks or not n.isdigit():
             p.error(f"--n-task wants TASK=N with TASK one of {args.tasks}, got {item!r}")
-        counts[task] = int(n)
-    path = generate_dataset(args.out, n_per_task=counts, seed=args.seed, tasks=args.tasks)
+        n_per_task[task] = int(n)
+    path = generate_dataset(args.out, n_per_task=n_per_task, seed=args.seed, tasks=args.tasks)
     with open(path, encoding="utf-8") as f:
         counts = Counter(json.loads(line)["task"] for line in f)
     for task in args.tasks:

@@ -27,7 +27,7 @@ A video's temporal slot j (frames 2j, 2j+1) is labelled from frame 2j.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 from PIL import Image
@@ -122,8 +122,7 @@ def _item_values(sample: Sample, shapes: list[Shape]) -> dict[str, int]:
 def _slot(sample: Sample, frame: Image.Image, shapes: list[Shape], rows: int, cols: int):
     width, height = frame.size
     n = rows * cols
-    tokens = {name: np.zeros(n, dtype=np.int64) for name in HEADS}
-    tokens |= {name: np.full(n, -1, dtype=np.int64) for name in BOX_DIGITS}
+    tokens = {name: np.full(n, _unset(name, sample), dtype=np.int64) for name in HEADS}
     box = np.zeros((n, 4), dtype=np.float32)
     cover = [_coverage(shape_mask(s, width, height), rows, cols) for s in shapes]
     if cover:
@@ -136,10 +135,8 @@ def _slot(sample: Sample, frame: Image.Image, shapes: list[Shape], rows: int, co
             x0, y0, x1, y1 = s.corners
             box[on] = (x0 / width, y0 / height, x1 / width, y1 / height)
             written = Box.from_pixels(x0, y0, x1, y1, width, height)
-            for name, value in zip(BOX_DIGITS, _corners(written), strict=True):
+            for name, value in zip(BOX_DIGITS, astuple(written), strict=True):
                 tokens[name][on] = value // 100
-    if sample.task != "ocr":  # else the rare character tokens drown among "no text" ones
-        tokens |= {f"char_{k}": np.full(n, -1, dtype=np.int64) for k in range(MAX_TEXT)}
     for index, (char, (x0, y0, x1, y1)) in enumerate(sample.glyphs):
         col = int((x0 + x1) / 2 / width * cols)
         row = int((y0 + y1) / 2 / height * rows)
@@ -151,8 +148,13 @@ def _slot(sample: Sample, frame: Image.Image, shapes: list[Shape], rows: int, co
     return tokens, box, where
 
 
-def _corners(box: Box) -> tuple[int, int, int, int]:
-    return box.x1, box.y1, box.x2, box.y2
+def _unset(head: str, sample: Sample) -> int:
+    """A token's label where nothing sets it: 0 (background, no character), or -1 (not
+    labelled) for box digits (they exist on objects only) and for characters outside OCR
+    pictures (else the rare character tokens drown among "no text" ones)."""
+    if head in BOX_DIGITS or (head.startswith("char_") and sample.task != "ocr"):
+        return -1
+    return 0
 
 
 def _coverage(mask: Image.Image, rows: int, cols: int) -> np.ndarray:
