@@ -7,6 +7,7 @@ qwen2vl tokens [--model DIR] [--image PATH]... [--video PATH]... [FILE...]
 qwen2vl serve [--model DIR] [...]   (qwen2vl serve --help)
 qwen2vl train [...]                 (qwen2vl train --help)
 qwen2vl init ARCH_DIR --output DIR [--seed N] [--std fan-in|F] [--embed-std F]
+             [--vocab-data JSONL...]
 qwen2vl pretrain-vision --model DIR --output DIR [--steps N ...]
 qwen2vl bench [...]                 (python -m qwen2vl.bench --help)
 
@@ -163,6 +164,14 @@ def _init_parser(p: argparse.ArgumentParser) -> None:
         "as transformers)",
     )
     p.add_argument("--embed-std", type=float, default=None, help="std of the embeddings")
+    p.add_argument(
+        "--vocab-data",
+        nargs="+",
+        default=(),
+        metavar="JSONL",
+        help="only the tokens these conversations hold get non-zero embedding rows (train "
+        "with --lump-zero-rows to score the zero rows as one logit)",
+    )
     p.set_defaults(run=_init)
 
 
@@ -180,9 +189,14 @@ def _init(args: argparse.Namespace) -> int:
 
     try:  # init_model checks the stds before anything is written
         out = write_initial(
-            args.architecture, args.output, seed=args.seed, std=args.std, embed_std=args.embed_std
+            args.architecture,
+            args.output,
+            seed=args.seed,
+            std=args.std,
+            embed_std=args.embed_std,
+            vocab_data=args.vocab_data,
         )
-    except ValueError as e:
+    except (ValueError, OSError, Qwen2VLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote a new model (seed {args.seed}) to {out}")

@@ -112,6 +112,7 @@ class Qwen2VL(nn.Module):
         kv_cache: KVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        vocab_rows: torch.Tensor | None = None,
     ) -> Qwen2VLOutput:
         """input_ids [B, T] -> logits [B, T, V].
 
@@ -121,9 +122,13 @@ class Qwen2VL(nn.Module):
         B = 1 row (training); logits_to_keep > 0 computes logits for the last positions only, a
         1-D tensor of positions for those positions only (training: where the loss is taken, since
         the [T, V] logits of every position cost more than the rest of a small model).
+        vocab_rows [K] gives logits [.., K] of those vocabulary rows only (training with
+        lumped zero rows, `train/vocab.py`; not with `labels`: their loss needs every row).
         inputs_embeds [B, T, E] (from ``embed`` with cached visual features) replaces the
         embedding step; input_ids are still needed for the positions.
         """
+        if vocab_rows is not None and labels is not None:
+            raise Qwen2VLError("labels need the logits of every row: not with vocab_rows")
         feats = {}
         for kind, pixels, grid in (
             ("image", pixel_values, image_grid_thw),
@@ -154,6 +159,9 @@ class Qwen2VL(nn.Module):
             h = h[:, logits_to_keep.to(h.device)]
         elif logits_to_keep:
             h = h[:, -logits_to_keep:]
+        if vocab_rows is not None:
+            logits = F.linear(h, self.lm_head.weight[vocab_rows.to(h.device)])
+            return Qwen2VLOutput(logits=logits, loss=None, rope_deltas=deltas)
         logits = self.lm_head(h)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return Qwen2VLOutput(logits=logits, loss=loss, rope_deltas=deltas)

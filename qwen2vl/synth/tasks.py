@@ -16,17 +16,20 @@ from PIL import Image
 
 from qwen2vl.grounding import Box, GroundedObject, format_object, grounding_prompt
 from qwen2vl.synth.world import (
+    CELL,
     COLOURS,
+    GLYPH_BOX,
+    MAX_SIDE,
+    MIN_SIDE,
     SHAPES,
     Shape,
     canvas,
-    glyph_boxes,
+    glyph_mask,
     place,
     random_grey,
     random_look,
     random_size,
     render,
-    text_mask,
 )
 
 WORDS = ("cat", "dog", "sun", "box", "red", "map", "cup", "hat", "pen", "key", "tree", "fish")
@@ -35,6 +38,7 @@ MAX_COUNT = 6
 MAX_BOUNCES = 3
 DIRECTION_FRAMES = 8  # frames are an even count: the vision tower merges frames in pairs
 BOUNCE_FRAMES = 16
+OCR_SCALE = 3  # glyphs 18 x 27 pixels: one fills most of a 28-pixel token cell
 VIDEO_FPS = 2.0  # the rate the frame lists count as sampled at (the part's "sample_fps")
 
 
@@ -95,24 +99,31 @@ def make_count(rng: np.random.Generator) -> Sample:
 
 
 def make_ocr(rng: np.random.Generator) -> Sample:
+    """A number below 10000 or a word, one character to a token: the image's sides are whole
+    28-pixel cells (so the processor keeps its size) and each glyph sits inside its own cell.
+    Text drawn across the token grid was read by a linear probe on only 14 % of the tiny
+    ViT's character tokens, and OCR stayed near 10 % (measured)."""
     if rng.random() < 0.5:
         text = str(int(rng.integers(0, 10000)))
     else:
         text = str(rng.choice(WORDS))
     grey = random_grey(rng)
     colour = COLOURS[str(rng.choice(list(COLOURS)))]
-    scale = int(rng.integers(2, 4))
-    glyphs = text_mask(text, scale)
-    width, height = random_size(rng)
-    width, height = max(width, glyphs.width), max(height, glyphs.height)
-    image = canvas(width, height, grey)
-    x = int(rng.integers(0, width - glyphs.width + 1))
-    y = int(rng.integers(0, height - glyphs.height + 1))
-    image.paste(colour, (x, y, x + glyphs.width, y + glyphs.height), glyphs)
-    cells = [(a + x, b + y, c + x, d + y) for a, b, c, d in glyph_boxes(text, scale)]
+    cols = int(rng.integers(max(MIN_SIDE // CELL, len(text)), MAX_SIDE // CELL + 1))
+    rows = int(rng.integers(MIN_SIDE // CELL, MAX_SIDE // CELL + 1))
+    image = canvas(cols * CELL, rows * CELL, grey)
+    first, row = int(rng.integers(0, cols - len(text) + 1)), int(rng.integers(0, rows))
+    side_x, side_y = (OCR_SCALE * n for n in GLYPH_BOX)
+    # one offset for the whole text (it stays a line), never on a cell's first column: the
+    # image's first column is background, as in every still picture
+    dx, dy = int(rng.integers(1, CELL - side_x + 1)), int(rng.integers(0, CELL - side_y + 1))
+    glyphs = []
+    for k, char in enumerate(text):
+        x, y = (first + k) * CELL + dx, row * CELL + dy
+        image.paste(colour, (x, y, x + side_x, y + side_y), glyph_mask(char, OCR_SCALE))
+        glyphs.append((char, (x, y, x + side_x, y + side_y)))
     return Sample(
-        "ocr", "What is written in the image?", text, text, [image],
-        glyphs=list(zip(text, cells, strict=True)),
+        "ocr", "What is written in the image?", text, text, [image], glyphs=glyphs,
     )  # fmt: skip
 
 

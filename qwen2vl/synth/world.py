@@ -26,6 +26,8 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 MIN_SIDE, MAX_SIDE = 56, 112  # image sides in pixels: varied so dynamic resolution is exercised
 BACKGROUND_MAX = 70  # background grey level 0..70: every colour above stands out on it
+CELL = 28  # the pixels one LLM token stands for: 14-pixel patches, merged 2 x 2
+GLYPH_BOX = (6, 9)  # a character's box in Pillow's default font, before scaling
 SHADE = 48  # how far red (left to right) and green (top to bottom) rise across a canvas
 
 
@@ -159,26 +161,14 @@ def place(
     return shapes
 
 
-def text_mask(text: str, scale: int) -> Image.Image:
-    """`text` in Pillow's built-in bitmap font (same on every machine) as a 0/255 mask, scaled
-    up by `scale` with nearest-neighbour, with a 2-pixel margin (before scaling)."""
+def glyph_mask(char: str, scale: int) -> Image.Image:
+    """One character of Pillow's built-in bitmap font (same on every machine) as a 0/255 mask:
+    the font's 6 x 9 pixel box that holds the ink of every letter and digit (descenders
+    included), scaled up by `scale` with nearest-neighbour."""
     font = ImageFont.load_default_imagefont()
-    left, top, right, bottom = font.getbbox(text)
-    mask = Image.new("L", (right - left + 4, bottom - top + 4), 0)
-    ImageDraw.Draw(mask).text((2 - left, 2 - top), text, fill=255, font=font)
-    return mask.resize((mask.width * scale, mask.height * scale), Image.Resampling.NEAREST)
-
-
-def glyph_boxes(text: str, scale: int) -> list[tuple[int, int, int, int]]:
-    """Each character's cell (x0, y0, x1, y1), end exclusive, in the mask `text_mask` makes:
-    the font's advance along x, the text's full height along y."""
-    font = ImageFont.load_default_imagefont()
-    left, top, _, bottom = font.getbbox(text)
-    edges = [2 - left + int(font.getlength(text[:k])) for k in range(len(text) + 1)]
-    return [
-        (x0 * scale, 2 * scale, x1 * scale, (2 + bottom - top) * scale)
-        for x0, x1 in zip(edges, edges[1:], strict=False)
-    ]
+    mask = Image.new("L", GLYPH_BOX, 0)
+    ImageDraw.Draw(mask).text((0, -2), char, fill=255, font=font)  # rows 0-1 of a line: no ink
+    return mask.resize((GLYPH_BOX[0] * scale, GLYPH_BOX[1] * scale), Image.Resampling.NEAREST)
 
 
 def shape_mask(shape: Shape, width: int, height: int) -> Image.Image:

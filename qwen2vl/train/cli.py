@@ -60,6 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=S, help="checkpoint directory, or 'auto' for the latest")
     p.add_argument("--gradient-checkpointing", action=flag, default=S)
     p.add_argument("--bf16", action=flag, default=S, help="bf16 autocast (fp32 weights)")
+    p.add_argument(
+        "--lump-zero-rows",
+        action=flag,
+        default=S,
+        help="score the output embedding's all-zero rows (tokens not in the batch) as one "
+        "shared logit: the same loss, far cheaper for a model trained from scratch on few "
+        "tokens (qwen2vl init --vocab-data); those rows stay zero until their token occurs",
+    )
     p.add_argument("--save-every", type=int, default=S, help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", type=int, default=S)
     p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default=S)

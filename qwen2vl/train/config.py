@@ -49,6 +49,8 @@ class TrainConfig:
     resume: str | None = None  # a checkpoint directory, or "auto" for the latest in output
     gradient_checkpointing: bool = False
     bf16: bool = False  # bf16 autocast; weights and optimizer stay float32
+    # score the output embedding's all-zero rows as one logit (exact loss; see vocab.py)
+    lump_zero_rows: bool = False
     save_every: int = 0  # steps between checkpoints; 0: only the final model
     keep_checkpoints: int | None = None  # keep only the newest N checkpoint-STEP directories
     save_dtype: str = "float32"  # dtype of the saved Hugging Face weights

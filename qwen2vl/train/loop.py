@@ -49,6 +49,7 @@ from qwen2vl.train.packing import (
     target_positions,
 )
 from qwen2vl.train.stages import TrainableReport, configure_trainable
+from qwen2vl.train.vocab import lumped_loss_sum, scored_rows
 from qwen2vl.weights import load_model
 
 log = logging.getLogger("qwen2vl.train")
@@ -111,6 +112,8 @@ class Trainer:
         if not cfg.output or (model is None and not cfg.model) or (data is None and not cfg.data):
             raise ConfigError("train: output, and model and data (paths or objects), are needed")
         self.cfg, self.env, self.out = cfg, env, Path(cfg.output)
+        if cfg.lump_zero_rows and env.world > 1 and cfg.strategy == "fsdp":
+            raise ConfigError("lump_zero_rows reads whole embedding rows: not with fsdp")
         if env.main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.out)
@@ -292,9 +295,17 @@ class Trainer:
         device = self.env.device
         with D.gradient_sync(self.engine, sync):
             keep = target_positions(batch.targets)
+            inputs = batch.model_inputs(device)
+            rows = None
+            if self.cfg.lump_zero_rows:
+                rows = scored_rows(self.net.lm_head.weight, inputs["input_ids"])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                logits = self.engine(**batch.model_inputs(device), logits_to_keep=keep).logits
-            loss = loss_sum(logits, batch.targets[keep])
+                logits = self.engine(**inputs, logits_to_keep=keep, vocab_rows=rows).logits
+            if rows is None:
+                loss = loss_sum(logits, batch.targets[keep])
+            else:
+                vocab = self.net.cfg.text.vocab_size
+                loss = lumped_loss_sum(logits, batch.targets[keep], rows, vocab)
             (loss * self.env.world / max(targets, 1)).backward()
         return float(loss.detach())
 

@@ -3,22 +3,14 @@ objects where they were drawn, characters in reading order."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from qwen2vl.grounding import Box
-from qwen2vl.processor import load_processor
 from qwen2vl.synth import make_sample
 from qwen2vl.synth.dataset import conversation
 from qwen2vl.synth.labels import BOX_DIGITS, CHARS, HEADS, ITEM_HEADS, MAX_TEXT, scene_labels
 from qwen2vl.synth.world import COLOURS, SHAPES
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return load_processor(Path(__file__).parents[2] / "recipes/default/model")
 
 
 def labelled(processor, task, index=0):

@@ -17,8 +17,9 @@ from qwen2vl.synth import (
     make_video_bounces,
     make_video_direction,
 )
+from qwen2vl.synth.dataset import conversation
 from qwen2vl.synth.tasks import MAX_BOUNCES, MAX_COUNT, WORDS, bounce_track
-from qwen2vl.synth.world import COLOURS, SHADE, SHAPES, canvas
+from qwen2vl.synth.world import CELL, COLOURS, SHADE, SHAPES, canvas
 
 N = 24
 
@@ -122,6 +123,25 @@ def test_ocr_text_is_a_number_or_a_known_word_drawn_in_a_palette_colour():
         (image,) = s.images
         colours = {tuple(c) for c in np.asarray(image)[drawn(image)]}
         assert len(colours) == 1 and colours <= set(COLOURS.values())
+
+
+def test_ocr_puts_one_character_in_each_token_cell(processor):
+    for s in samples(make_ocr, 60):
+        (image,) = s.images
+        assert image.width % CELL == 0 and image.height % CELL == 0
+        (visual,) = processor.encode(conversation(s, answer=False)).visuals
+        assert visual.grid_thw == (1, image.height // 14, image.width // 14)  # size kept
+        assert [c for c, _ in s.glyphs] == list(s.target)
+        ink = drawn(image)
+        cells = []
+        for char, (x0, y0, x1, y1) in s.glyphs:
+            cells.append((x0 // CELL, y0 // CELL))
+            assert cells[-1] == ((x1 - 1) // CELL, (y1 - 1) // CELL), char  # inside one cell
+            assert ink[y0:y1, x0:x1].any()
+        (col, row), n = cells[0], len(cells)
+        assert cells == [(col + k, row) for k in range(n)]  # a line, left to right
+        inside = sum(int(ink[y0:y1, x0:x1].sum()) for _, (x0, y0, x1, y1) in s.glyphs)
+        assert int(ink.sum()) == inside  # nothing drawn outside the glyphs
 
 
 def test_video_direction_answer_matches_the_motion():

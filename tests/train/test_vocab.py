@@ -1,0 +1,167 @@
+"""Lumped zero rows: the same loss and gradients as the full vocabulary, zero rows left alone."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from tiny_qwen2vl import tiny_config
+
+import qwen2vl
+from qwen2vl.cli import main as cli_main
+from qwen2vl.errors import ConfigError, Qwen2VLError
+from qwen2vl.train import SampleList, TrainConfig, train
+from qwen2vl.train import distributed as D
+from qwen2vl.train.init import init_model, write_initial
+from qwen2vl.train.loop import Trainer
+from qwen2vl.train.packing import collate, loss_sum, target_positions
+from qwen2vl.train.vocab import data_token_ids, lumped_loss_sum, scored_rows
+
+
+def used_ids(samples) -> set[int]:
+    return {i for s in samples for i in s.ids}
+
+
+def zero_unused(model, samples) -> torch.Tensor:
+    """Zero the (tied) rows of the tokens no sample holds; returns which rows those are."""
+    unused = torch.ones(model.cfg.text.vocab_size, dtype=torch.bool)
+    unused[sorted(used_ids(samples))] = False
+    with torch.no_grad():
+        model.lm_head.weight[unused] = 0
+    return unused
+
+
+def loss_and_grads(model, batch, lumped: bool):
+    model.zero_grad()
+    keep = target_positions(batch.targets)
+    inputs = batch.model_inputs()
+    if lumped:
+        rows = scored_rows(model.lm_head.weight, inputs["input_ids"])
+        logits = model(**inputs, logits_to_keep=keep, vocab_rows=rows).logits
+        loss = lumped_loss_sum(logits, batch.targets[keep], rows, model.cfg.text.vocab_size)
+    else:
+        loss = loss_sum(model(**inputs, logits_to_keep=keep).logits, batch.targets[keep])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def model64(tiny64, tie: bool):
+    """The 64-token test model, its output rows tied to the embedding (as the 2B) or not."""
+    if not tie:
+        return tiny64.model()
+    cfg = tiny64.config()
+    torch.manual_seed(0)
+    model = qwen2vl.Qwen2VL(replace(cfg, text=replace(cfg.text, tie_word_embeddings=True)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lumped_loss_and_gradients_equal_the_full_vocabulary(tiny64, tie):
+    model = model64(tiny64, tie)
+    samples = tiny64.samples(4)
+    unused = zero_unused(model, samples)
+    assert 0 < int(unused.sum()) < len(unused)
+    batch = collate(samples, model.cfg)
+    full, full_grads = loss_and_grads(model, batch, lumped=False)
+    lumped, lumped_grads = loss_and_grads(model, batch, lumped=True)
+    torch.testing.assert_close(lumped, full, rtol=1e-6, atol=0)  # both float32 losses
+    head = "model.embed_tokens.weight" if tie else "lm_head.weight"
+    for name, grad in full_grads.items():
+        want = grad.clone()
+        if name == head:
+            assert grad[unused].abs().sum() > 0  # the full softmax pushes the zero rows ...
+            want[unused] = 0  # ... which the lumped loss leaves at zero
+        torch.testing.assert_close(lumped_grads[name], want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rows_that_have_trained_or_occur_in_the_batch_are_scored():
+    weight = torch.zeros(10, 3)
+    weight[[2, 7]] = 1.0
+    rows = scored_rows(weight, torch.tensor([[7, 4, 4]]))
+    assert rows.tolist() == [2, 4, 7]
+    logits = torch.randn(1, 2, 3)
+    with pytest.raises(ValueError, match="not among the scored rows"):
+        lumped_loss_sum(logits, torch.tensor([4, 5]), rows, 10)
+    # no zero rows left: nothing to lump, a plain cross-entropy
+    every = torch.arange(3)
+    got = lumped_loss_sum(logits, torch.tensor([0, 2]), every, 3)
+    want = torch.nn.functional.cross_entropy(logits[0], torch.tensor([0, 2]), reduction="sum")
+    torch.testing.assert_close(got, want)
+
+
+def test_training_with_lumped_rows_learns_and_leaves_unused_rows_at_zero(tiny64, tmp_path):
+    samples = tiny64.samples(8)
+    runs = {}
+    for lump in (False, True):
+        model = tiny64.model()
+        unused = zero_unused(model, samples)
+        cfg = TrainConfig(
+            output=str(tmp_path / str(lump)), stage=3, max_steps=40, lr=1e-2, warmup_steps=5,
+            max_tokens=512, lump_zero_rows=lump,
+        )  # fmt: skip
+        runs[lump] = train(cfg, model=model, data=SampleList(samples)).losses
+        rows = model.lm_head.weight.detach()
+        assert bool((rows[unused] == 0).all()) == lump
+        assert bool((rows[~unused] != 0).any(1).all())
+    full, lumped = runs[False], runs[True]
+    assert lumped[0] == pytest.approx(full[0], rel=1e-5)  # same weights, same loss
+    assert lumped[-1] < 0.05 and full[-1] < 0.05
+
+
+def test_lumping_refuses_labels_and_fsdp(tiny64, tmp_path):
+    model = tiny64.model()
+    batch = collate(tiny64.samples(1), model.cfg)
+    inputs = batch.model_inputs()
+    with pytest.raises(Qwen2VLError, match="labels"):
+        model(**inputs, labels=inputs["input_ids"], vocab_rows=torch.arange(4))
+    cfg = TrainConfig(output=str(tmp_path / "out"), lump_zero_rows=True, strategy="fsdp")
+    with pytest.raises(ConfigError, match="fsdp"):
+        Trainer(cfg, D.DistEnv(world=2), model=model, data=SampleList(tiny64.samples(1)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_zeroes_the_rows_of_tokens_the_data_never_holds(tmp_path, helpers):
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    cfg = tiny_config(tie=True, real_vocab=True)
+    (arch / "config.json").write_text(json.dumps(cfg.to_hf()))
+    data = helpers.write_dataset(tmp_path, n=3)
+    processor = qwen2vl.load_processor(arch)
+    ids = data_token_ids([data], processor)
+    tok = processor.tokenizer
+    assert tok.image_pad_id in ids and set(tok.encode("Number 2.")) <= ids
+    lines = data.read_text().splitlines()
+    assert ids == {i for line in lines for i in encoded(line, processor, data.parent)}
+
+    out = write_initial(arch, tmp_path / "new", seed=3, vocab_data=[data])
+    model, ref = qwen2vl.load_model(out), init_model(cfg, seed=3)
+    emb = model.model.embed_tokens.weight
+    used = torch.zeros(len(emb), dtype=torch.bool)
+    used[sorted(ids)] = True
+    assert bool((emb[~used] == 0).all()) and torch.equal(emb[used], ref.lm_head.weight[used])
+    for (name, p), q in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        if "embed_tokens" not in name and "lm_head" not in name:
+            assert torch.equal(p, q), name  # the other weights: the same draw
+
+    assert cli_main(["init", str(arch), "--output", str(tmp_path / "cli"), "--seed", "3",
+                     "--vocab-data", str(data)]) == 0  # fmt: skip
+    assert torch.equal(qwen2vl.load_model(tmp_path / "cli").model.embed_tokens.weight, emb)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    assert cli_main(["init", str(arch), "--output", str(tmp_path / "x"), "--vocab-data",
+                     str(bad)]) == 2  # fmt: skip
+    assert not (tmp_path / "x").exists()
+    bad.write_text(json.dumps({"messages": "not a list"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected"):
+        data_token_ids([bad], processor)
+
+
+def encoded(line: str, processor, base) -> list[int]:
+    """The ids training reads for one line (pads expanded: the same id many times)."""
+    from qwen2vl.train.data import encode_conversation, resolve_media
+
+    messages = resolve_media(json.loads(line)["messages"], base)
+    return encode_conversation(messages, processor).ids
