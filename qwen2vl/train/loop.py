@@ -161,6 +161,10 @@ class Trainer:
         net.visual.gradient_checkpointing = cfg.gradient_checkpointing
         if self.env.main:
             log.info("stage %d: %s", cfg.stage, self.trainable.summary())
+            if cfg.lump_zero_rows:
+                zero = int(net.lm_head.weight.detach().eq(0).all(1).sum())
+                log.info("lump_zero_rows: %d of %d output rows are zero, scored as one logit "
+                         "until their token occurs", zero, net.cfg.text.vocab_size)  # fmt: skip
         return net.train()
 
     def _find_resume(self) -> ckpt.Checkpoint | None:
