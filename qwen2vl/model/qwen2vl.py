@@ -159,10 +159,10 @@ class Qwen2VL(nn.Module):
             h = h[:, logits_to_keep.to(h.device)]
         elif logits_to_keep:
             h = h[:, -logits_to_keep:]
-        if vocab_rows is not None:
+        if vocab_rows is None:
+            logits = self.lm_head(h)
+        else:
             logits = F.linear(h, self.lm_head.weight[vocab_rows.to(h.device)])
-            return Qwen2VLOutput(logits=logits, loss=None, rope_deltas=deltas)
-        logits = self.lm_head(h)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return Qwen2VLOutput(logits=logits, loss=loss, rope_deltas=deltas)
 

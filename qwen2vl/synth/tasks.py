@@ -120,8 +120,9 @@ def make_ocr(rng: np.random.Generator) -> Sample:
     glyphs = []
     for k, char in enumerate(text):
         x, y = (first + k) * CELL + dx, row * CELL + dy
-        image.paste(colour, (x, y, x + side_x, y + side_y), glyph_mask(char, OCR_SCALE))
-        glyphs.append((char, (x, y, x + side_x, y + side_y)))
+        box = (x, y, x + side_x, y + side_y)
+        image.paste(colour, box, glyph_mask(char, OCR_SCALE))
+        glyphs.append((char, box))
     return Sample(
         "ocr", "What is written in the image?", text, text, [image], glyphs=glyphs,
     )  # fmt: skip

@@ -49,7 +49,7 @@ from qwen2vl.train.packing import (
     target_positions,
 )
 from qwen2vl.train.stages import TrainableReport, configure_trainable
-from qwen2vl.train.vocab import lumped_loss_sum, scored_rows
+from qwen2vl.train.vocab import lumped_loss_sum, scored_rows, zero_rows
 from qwen2vl.weights import load_model
 
 log = logging.getLogger("qwen2vl.train")
@@ -162,7 +162,7 @@ class Trainer:
         if self.env.main:
             log.info("stage %d: %s", cfg.stage, self.trainable.summary())
             if cfg.lump_zero_rows:
-                zero = int(net.lm_head.weight.detach().eq(0).all(1).sum())
+                zero = int(zero_rows(net.lm_head.weight).sum())
                 log.info("lump_zero_rows: %d of %d output rows are zero, scored as one logit "
                          "until their token occurs", zero, net.cfg.text.vocab_size)  # fmt: skip
         return net.train()

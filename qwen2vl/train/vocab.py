@@ -32,11 +32,16 @@ from qwen2vl.processor import Processor
 from qwen2vl.train.data import parse_line, read_jsonl
 
 
+def zero_rows(weight: torch.Tensor) -> torch.Tensor:
+    """[V] bool: which rows of the output embedding are all zero (the ones lumped)."""
+    return weight.detach().eq(0).all(1)
+
+
 def scored_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Sorted ids of the rows scored one by one: those not all zero, and the batch's `ids`
     (the targets among them), zero or not. Recomputed every step, so a row that has started to
     train is never lumped again, on every process."""
-    live = weight.detach().ne(0).any(1)
+    live = ~zero_rows(weight)
     live[ids.flatten().to(live.device)] = True
     return live.nonzero().squeeze(1)
 
