@@ -214,9 +214,21 @@ def _pretrain_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="peak; warmup then cosine to 0")
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--pool", type=int, default=d.pool, help="scenes drawn and processed")
+    p.add_argument(
+        "--task-weight", nargs="+", default=[], metavar="TASK=W", dest="task_weights",
+        help="a task's share of the pool relative to the others (default 1 each)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.set_defaults(run=_pretrain)
+
+
+def _task_weight(item: str) -> tuple[str, float]:
+    task, _, weight = item.partition("=")
+    try:
+        return task, float(weight)
+    except ValueError:
+        raise ValueError(f"--task-weight wants TASK=W with W a number, got {item!r}") from None
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -226,6 +238,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
     try:
+        options["task_weights"] = dict(_task_weight(item) for item in args.task_weights)
         cfg = PretrainConfig(**options)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

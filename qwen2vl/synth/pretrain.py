@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +79,9 @@ class PretrainConfig:
     pool: int = 24000
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: list(ALL_TASKS))
+    # a task's share of the pool relative to the others (1 when absent). The two video tasks
+    # hold 63 % of an equal pool's patches, so they cost most of a step (measured)
+    task_weights: dict[str, float] = field(default_factory=dict)
     log_every: int = 50
 
     def __post_init__(self) -> None:
@@ -86,6 +90,12 @@ class PretrainConfig:
             raise ValueError("steps, batch, pool and log_every must be >= 1")
         if not self.tasks:
             raise ValueError("tasks must name at least one task")
+        unknown = sorted(set(self.task_weights) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"task_weights name tasks not pretrained on: {unknown}")
+        weights = [self.task_weights.get(t, 1.0) for t in self.tasks]
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+            raise ValueError(f"task weights must be >= 0 and one > 0, got {self.task_weights}")
 
 
 @dataclass
@@ -126,9 +136,8 @@ class Heads(nn.Module):
 def encode_pool(processor: Processor, cfg: PretrainConfig) -> list[_Item]:
     """`cfg.pool` scenes, tasks in turn, through the same processor the VLM stages use."""
     items = []
-    for i in range(cfg.pool):
-        task = cfg.tasks[i % len(cfg.tasks)]
-        sample = make_sample(task, seed=cfg.seed, index=i // len(cfg.tasks))
+    for task, index in pool_plan(cfg):
+        sample = make_sample(task, seed=cfg.seed, index=index)
         visuals = processor.encode(conversation(sample, answer=False)).visuals
         grids = [v.grid_thw for v in visuals]
         labels = scene_labels(sample, grids, processor.media.merge_size)
@@ -137,6 +146,21 @@ def encode_pool(processor: Processor, cfg: PretrainConfig) -> list[_Item]:
             for v, lab in zip(visuals, labels, strict=True)
         ]
     return items
+
+
+def pool_plan(cfg: PretrainConfig) -> list[tuple[str, int]]:
+    """(task, sample index) of every pool scene: tasks in turn, each as often as its weight
+    says (smooth weighted round robin: equal weights give plain turns)."""
+    weights = [cfg.task_weights.get(t, 1.0) for t in cfg.tasks]
+    credit, taken = [0.0] * len(weights), [0] * len(weights)
+    plan = []
+    for _ in range(cfg.pool):
+        credit = [c + w for c, w in zip(credit, weights, strict=True)]
+        k = max(range(len(weights)), key=credit.__getitem__)  # the first on ties
+        credit[k] -= sum(weights)
+        plan.append((cfg.tasks[k], taken[k]))
+        taken[k] += 1
+    return plan
 
 
 def losses(heads: Heads, feats: torch.Tensor, items: list[_Item]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import qwen2vl
-from qwen2vl.synth.pretrain import PretrainConfig, pretrain_vision
+from qwen2vl.cli import main as cli_main
+from qwen2vl.synth.pretrain import PretrainConfig, pool_plan, pretrain_vision
 from qwen2vl.train.init import write_initial
 
 ARCH = Path(__file__).parents[2] / "recipes/default/model"
@@ -44,3 +45,48 @@ def test_an_empty_run_is_refused_up_front():
     for bad in ({"pool": 0}, {"steps": 0}, {"batch": 0}, {"tasks": []}):
         with pytest.raises(ValueError):
             PretrainConfig(model="m", output="o", **bad)
+
+
+def test_equal_weights_take_the_tasks_in_turn():
+    cfg = PretrainConfig(model="m", output="o", pool=7, tasks=["shape", "ocr", "count"])
+    assert pool_plan(cfg) == [
+        ("shape", 0), ("ocr", 0), ("count", 0), ("shape", 1), ("ocr", 1), ("count", 1),
+        ("shape", 2),
+    ]  # fmt: skip
+    same = PretrainConfig(model="m", output="o", pool=7, tasks=["shape", "ocr", "count"],
+                          task_weights={"shape": 2.5, "ocr": 2.5, "count": 2.5})  # fmt: skip
+    assert pool_plan(same) == pool_plan(cfg)
+
+
+def test_task_weights_set_each_tasks_share_of_the_pool():
+    cfg = PretrainConfig(
+        model="m", output="o", pool=600, tasks=["shape", "video_direction", "ocr"],
+        task_weights={"video_direction": 0.5, "ocr": 0},
+    )  # fmt: skip
+    plan = pool_plan(cfg)
+    shape = [i for t, i in plan if t == "shape"]
+    video = [i for t, i in plan if t == "video_direction"]
+    assert (len(shape), len(video)) == (400, 200) and "ocr" not in {t for t, _ in plan}
+    assert shape == list(range(400)) and video == list(range(200))  # each task's own samples
+    # spread through the pool, not in blocks: every 3 scenes hold 2 shapes and 1 video
+    assert all(plan[k][0] == "video_direction" for k in range(1, 600, 3))
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [{"compare": 1.0}, {"shape": -1.0}, {"shape": float("nan")}, {"shape": float("inf")},
+     {"shape": 0.0, "ocr": 0.0}],
+)  # fmt: skip
+def test_bad_task_weights_are_refused(weights):
+    with pytest.raises(ValueError, match="task"):
+        PretrainConfig(model="m", output="o", tasks=["shape", "ocr"], task_weights=weights)
+
+
+@pytest.mark.parametrize("item", ["shape=x", "shape", "nosuch=1", "shape=-2"])
+def test_the_cli_refuses_a_bad_task_weight(item, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert (
+        cli_main(["pretrain-vision", "--model", "m", "--output", str(out), "--task-weight", item])
+        == 2
+    )
+    assert "error:" in capsys.readouterr().err and not out.exists()
