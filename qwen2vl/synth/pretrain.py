@@ -93,9 +93,13 @@ class PretrainConfig:
         unknown = sorted(set(self.task_weights) - set(self.tasks))
         if unknown:
             raise ValueError(f"task_weights name tasks not pretrained on: {unknown}")
-        weights = [self.task_weights.get(t, 1.0) for t in self.tasks]
+        weights = self.weights()
         if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
             raise ValueError(f"task weights must be >= 0 and one > 0, got {self.task_weights}")
+
+    def weights(self) -> list[float]:
+        """Each of `tasks`' weight, 1 where `task_weights` gives none."""
+        return [self.task_weights.get(t, 1.0) for t in self.tasks]
 
 
 @dataclass
@@ -134,7 +138,7 @@ class Heads(nn.Module):
 
 
 def encode_pool(processor: Processor, cfg: PretrainConfig) -> list[_Item]:
-    """`cfg.pool` scenes, tasks in turn, through the same processor the VLM stages use."""
+    """`cfg.pool` scenes (`pool_plan`), through the same processor the VLM stages use."""
     items = []
     for task, index in pool_plan(cfg):
         sample = make_sample(task, seed=cfg.seed, index=index)
@@ -151,7 +155,7 @@ def encode_pool(processor: Processor, cfg: PretrainConfig) -> list[_Item]:
 def pool_plan(cfg: PretrainConfig) -> list[tuple[str, int]]:
     """(task, sample index) of every pool scene: tasks in turn, each as often as its weight
     says (smooth weighted round robin: equal weights give plain turns)."""
-    weights = [cfg.task_weights.get(t, 1.0) for t in cfg.tasks]
+    weights = cfg.weights()
     credit, taken = [0.0] * len(weights), [0] * len(weights)
     plan = []
     for _ in range(cfg.pool):
