@@ -156,12 +156,13 @@ def pool_plan(cfg: PretrainConfig) -> list[tuple[str, int]]:
     """(task, sample index) of every pool scene: tasks in turn, each as often as its weight
     says (smooth weighted round robin: equal weights give plain turns)."""
     weights = cfg.weights()
+    total = sum(weights)
     credit, taken = [0.0] * len(weights), [0] * len(weights)
     plan = []
     for _ in range(cfg.pool):
         credit = [c + w for c, w in zip(credit, weights, strict=True)]
         k = max(range(len(weights)), key=credit.__getitem__)  # the first on ties
-        credit[k] -= sum(weights)
+        credit[k] -= total
         plan.append((cfg.tasks[k], taken[k]))
         taken[k] += 1
     return plan
