@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the embedded default model (qwen2vl/assets/Qwen2-VL-Tiny-Synth) from nothing, on the
 # synthetic world, with the recipe in recipes/default/, and installs it with its training log,
-# loss curve and eval table. About 27 minutes on 2 CPU cores; every step is seeded.
+# loss curve and eval table. About 24 minutes on 2 CPU cores; every step is seeded.
 #
 #   bash scripts/train_default_model.sh [BUILD_DIR]        (default build/default_model)
 #

@@ -44,6 +44,7 @@ from qwen2vl.synth.labels import (
 )
 from qwen2vl.synth.tasks import ALL_TASKS
 from qwen2vl.train.checkpoint import copy_processor_files
+from qwen2vl.train.optim import adamw
 from qwen2vl.weights import load_model, save_pretrained
 
 log = logging.getLogger("qwen2vl.synth.pretrain")
@@ -209,7 +210,7 @@ def pretrain_vision(cfg: PretrainConfig) -> list[dict[str, float]]:
     vit = model.visual.train()
     heads = Heads(model.cfg.vision.hidden_size)
     params = list(vit.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     order = _order(len(pool), cfg)
     records, sums = [], {}
     for step in range(cfg.steps):

