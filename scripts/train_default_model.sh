@@ -40,8 +40,8 @@ run $PY -m qwen2vl.synth --out "$B/data/stage3" --seed 103 --n "$(n 4000)" \
 run $Q init "$R/model" --output "$B/init" --seed 0 --std fan-in --embed-std 0.125 \
     --vocab-data "$B"/data/*/data.jsonl
 # the videos at 0.25 share: they hold 63 % of an equal pool's patches, and steps are 20 %
-# cheaper at half share (measured); counting at 2: twice its scenes took it from 84.5 to 89 %
-# (measured). The time saved goes to 6600 steps on a larger pool
+# cheaper at half share (measured); counting at 2: twice its scenes took it from 84.5 to 88.5
+# and 89 % (two runs, measured). The time saved goes to 6600 steps on a larger pool
 run $Q pretrain-vision --model "$B/init" --output "$B/vision" --steps "$(n 6600)" \
     --pool "$(n 35000)" --task-weight count=2 video_direction=0.25 video_bounces=0.25 --seed 104 \
     --log-every 100
