@@ -76,6 +76,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default=S, help="under torchrun")
     p.add_argument("--device", default=S, help="auto, cpu or cuda")
     p.add_argument("--log-every", type=int, default=S)
+    p.add_argument(
+        "--box-attention",
+        type=float,
+        default=S,
+        help="weight of the box-attention loss (0: off): while a grounding answer starts its box, "
+        "chosen heads of one LLM layer are taught to attend to the image tokens the box covers",
+    )
+    p.add_argument("--box-attention-layer", type=int, default=S, help="default: the middle one")
+    p.add_argument(
+        "--box-attention-heads", default=S, help="comma list (default: one per key/value head)"
+    )
+    p.add_argument(
+        "--box-attention-tokens",
+        type=int,
+        default=S,
+        help="answer positions supervised from <|box_start|> on (default 2)",
+    )
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "qwen2vl train") -> int:

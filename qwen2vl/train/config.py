@@ -59,11 +59,20 @@ class TrainConfig:
     strategy: str = "ddp"  # with several processes: "ddp" or "fsdp" (FSDP2 fully_shard)
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu
     log_every: int = 1
+    # box attention (box_attention.py): weight of the loss, 0 = off; the layer (None: the middle
+    # one), its supervised query heads (None: one per key/value group) and answer positions
+    box_attention: float = 0.0
+    box_attention_layer: int | None = None
+    box_attention_heads: list[int] | None = None
+    box_attention_tokens: int = 2
 
     def __post_init__(self) -> None:
         self.freeze = None if self.freeze is None else _as_list(self.freeze, "freeze")
         self.lora_targets = _as_list(self.lora_targets, "lora_targets")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        if isinstance(self.box_attention_heads, str):
+            heads = _as_list(self.box_attention_heads, "box_attention_heads")
+            self.box_attention_heads = [_as_int(h, "box_attention_heads") for h in heads]
         checks = [
             (self.stage in STAGES, "stage", f"one of {STAGES}"),
             (set(self.lora_targets) <= set(LORA_TARGETS), "lora_targets", f"from {LORA_TARGETS}"),
@@ -81,6 +90,8 @@ class TrainConfig:
             (self.grad_clip >= 0 and self.warmup_steps >= 0, "grad_clip/warmup_steps", ">= 0"),
             (self.save_every >= 0 and self.log_every >= 1, "save_every/log_every", ">= 0 / >= 1"),
             (len(self.adam_betas) == 2, "adam_betas", "two numbers"),
+            (self.box_attention >= 0, "box_attention", ">= 0"),
+            (self.box_attention_tokens >= 1, "box_attention_tokens", ">= 1"),
         ]
         for ok, name, want in checks:
             if not ok:
@@ -150,6 +161,13 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
             values["resume"] = str(base / values["resume"])
     values.update({k.replace("-", "_"): v for k, v in overrides.items()})
     return TrainConfig.from_dict(values)
+
+
+def _as_int(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"train config: {name} must hold integers, got {value!r}") from None
 
 
 def _as_list(value: Any, name: str) -> list[str]:

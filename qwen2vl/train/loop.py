@@ -26,8 +26,10 @@ import torch
 from qwen2vl.errors import CheckpointError, ConfigError
 from qwen2vl.model.qwen2vl import Qwen2VL
 from qwen2vl.processor import load_processor
+from qwen2vl.tokenizer import Tokenizer
 from qwen2vl.train import checkpoint as ckpt
 from qwen2vl.train import distributed as D
+from qwen2vl.train.box_attention import BoxAttention, plan_box_attention
 from qwen2vl.train.config import TrainConfig
 from qwen2vl.train.data import (
     ConversationData,
@@ -124,6 +126,7 @@ class Trainer:
         self.rows_per_step, self.accum = self._step_shape(resume)
         if resume is not None:
             self._load_trainable(resume)
+        self.box = self._box_attention()
         self.engine = D.wrap(self.net, env, cfg.strategy)
         self.optimizer = build_optimizer(
             self.engine, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas
@@ -166,6 +169,38 @@ class Trainer:
                 log.info("lump_zero_rows: %d of %d output rows are zero, scored as one logit "
                          "until their token occurs", zero, net.cfg.text.vocab_size)  # fmt: skip
         return net.train()
+
+    def _box_attention(self) -> BoxAttention | None:
+        """The box-attention hook on its layer (cfg.box_attention > 0), else None."""
+        cfg, text = self.cfg, self.net.cfg.text
+        if not cfg.box_attention:
+            return None
+        if cfg.gradient_checkpointing or (self.env.distributed and cfg.strategy == "fsdp"):
+            raise ConfigError("box_attention works without gradient checkpointing and fsdp")
+        layer = (
+            text.num_hidden_layers // 2
+            if cfg.box_attention_layer is None
+            else cfg.box_attention_layer
+        )
+        if not 0 <= layer < text.num_hidden_layers:
+            raise ConfigError(
+                f"box_attention_layer {layer}: the model has {text.num_hidden_layers} layers"
+            )
+        group = text.num_attention_heads // text.num_key_value_heads
+        heads = cfg.box_attention_heads
+        if heads is None:  # one query head per key/value head
+            heads = list(range(0, text.num_attention_heads, group))
+        if not heads or any(not 0 <= h < text.num_attention_heads for h in heads):
+            raise ConfigError(
+                f"box_attention_heads {heads}: the model has {text.num_attention_heads} heads"
+            )
+        self.tokenizer = getattr(getattr(self.data, "processor", None), "tokenizer", None)
+        if self.tokenizer is None:
+            self.tokenizer = Tokenizer.from_dir(cfg.model or None)
+        if self.env.main:
+            log.info("box attention: layer %d, heads %s, %d answer positions, weight %g",
+                     layer, heads, cfg.box_attention_tokens, cfg.box_attention)  # fmt: skip
+        return BoxAttention(self.net.model.layers[layer], heads)
 
     def _find_resume(self) -> ckpt.Checkpoint | None:
         if not self.cfg.resume:
@@ -263,11 +298,11 @@ class Trainer:
         epoch, first, rows = self.schedule.rows(step)
         info = self.data.info
         targets = sum(info[i].targets for row in rows for i in row)
-        total = 0.0
+        total, box = 0.0, [0.0, 0.0]  # box attention: summed -log mass, supervised (query, head)s
         for m in range(self.accum):
             j = m * env.world + env.rank  # interleaved, so a short last step spreads over ranks
             row = rows[j] if j < len(rows) else []  # none left: the dummy row, for collectives
-            total += self._micro(row, epoch, first + j, targets, sync=m == self.accum - 1)
+            total += self._micro(row, epoch, first + j, targets, box, sync=m == self.accum - 1)
         params = [p for p in self.engine.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
         lr = lr_at(
@@ -279,7 +314,11 @@ class Trainer:
         (total,) = D.all_reduce_sum([total], env)
         tokens = sum(info[i].tokens for row in rows for i in row)
         seconds = time.monotonic() - t0
-        return {
+        extra = {}
+        if self.box is not None:
+            box = D.all_reduce_sum(box, env)
+            extra["box_attention"] = box[0] / box[1] if box[1] else None
+        return extra | {
             "step": step + 1,
             "epoch": epoch,
             "loss": total / max(targets, 1),
@@ -292,9 +331,20 @@ class Trainer:
             "time": time.time(),
         }
 
-    def _micro(self, row: list[int], epoch: int, index: int, targets: int, *, sync: bool) -> float:
-        """Forward and backward of one packed row; returns its summed loss."""
+    def _micro(
+        self, row: list[int], epoch: int, index: int, targets: int, box: list[float], *, sync: bool
+    ) -> float:
+        """Forward and backward of one packed row; returns its summed loss (the box-attention
+        loss, when on, is added into `box` as [sum, count])."""
         batch = collate([self.data[i] for i in row], self.net.cfg)
+        if self.box is not None:
+            self.box.plan = plan_box_attention(
+                batch,
+                self.tokenizer,
+                image_token_id=self.net.cfg.image_token_id,
+                merge=self.net.cfg.vision.spatial_merge_size,
+                tokens=self.cfg.box_attention_tokens,
+            )
         torch.manual_seed(_row_seed(self.cfg.seed, epoch, index))
         device = self.env.device
         with D.gradient_sync(self.engine, sync):
@@ -310,7 +360,15 @@ class Trainer:
             else:
                 vocab = self.net.cfg.text.vocab_size
                 loss = lumped_loss_sum(logits, batch.targets[keep], rows, vocab)
-            (loss * self.env.world / max(targets, 1)).backward()
+            objective = loss
+            if self.box is not None:
+                nll = self.box.take()
+                if nll is not None:
+                    objective = loss + self.cfg.box_attention * nll
+                    box[0] += float(nll.detach())
+                    box[1] += len(self.box.plan.queries) * len(self.box.heads)
+                self.box.plan = None  # before backward: no loss from recomputed forwards
+            (objective * self.env.world / max(targets, 1)).backward()
         return float(loss.detach())
 
     # -- saving ---------------------------------------------------------------------------------

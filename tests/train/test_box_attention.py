@@ -1,0 +1,186 @@
+"""Box attention: targets read from the packed row, the loss equal to -log of the attention the
+layer computes, and trainer runs (the head learns; rows without grounding answers: no change)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import qwen2vl
+from qwen2vl.errors import ConfigError
+from qwen2vl.model.rope import mrope_cos_sin
+from qwen2vl.processor import load_processor
+from qwen2vl.train import TrainConfig, train
+from qwen2vl.train.box_attention import box_attention_nll, box_cells, plan_box_attention
+from qwen2vl.train.data import encode_conversation
+from qwen2vl.train.metrics import read_metrics
+from qwen2vl.train.packing import collate
+
+GROUNDED = (
+    "<|object_ref_start|>red square<|object_ref_end|><|box_start|>(500,0),(750,500)<|box_end|>"
+)
+
+
+def messages(image, question, answer):
+    content = [{"type": "text", "text": question}]
+    if image is not None:
+        content.insert(0, {"type": "image", "image": image})
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+
+
+def picture(width=112, height=56, box=(56, 0, 84, 28), seed=0):
+    """Dark noise with a bright square filling `box` (pixels x0, y0, x1, y1, end exclusive)."""
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    array[y0:y1, x0:x1] = (230, 30, 30)
+    return Image.fromarray(array)
+
+
+def test_box_cells_keeps_the_cells_the_box_covers():
+    assert box_cells((0.25, 0.0, 0.5, 0.5), rows=2, cols=4) == [1]
+    assert box_cells((0.0, 0.0, 0.6, 1.0), rows=2, cols=4) == [0, 1, 2, 4, 5, 6]  # 0.4 of col 2
+    assert box_cells((0.3, 0.1, 0.35, 0.2), rows=2, cols=4) == [1]  # inside one cell: that cell
+    assert box_cells((0.26, 0.0, 0.54, 0.5), rows=2, cols=4) == [1]  # 0.16 of col 2: not enough
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_ckpt):
+    return load_processor(tiny_ckpt)
+
+
+def test_plan_reads_the_answer_box_of_its_own_sample(tiny_ckpt, processor):
+    cfg = qwen2vl.load_model(tiny_ckpt).cfg
+    samples = [
+        encode_conversation(messages(picture(seed=1), "What is it?", "Noise."), processor),
+        encode_conversation(messages(picture(), "Find the red square.", GROUNDED), processor),
+        # a box the user writes is no answer: not supervised
+        encode_conversation(messages(picture(seed=2), f"Is it {GROUNDED}?", "Yes."), processor),
+    ]
+    batch = collate(samples, cfg)
+    plan = plan_box_attention(
+        batch, processor.tokenizer, image_token_id=cfg.image_token_id, merge=2, tokens=2
+    )
+    ids = batch.input_ids[0]
+    start = len(samples[0].ids)
+    box_start = processor.tokenizer.special_id("<|box_start|>")
+    p = start + samples[1].ids.index(box_start)
+    assert plan.queries.tolist() == [p, p + 1]
+    images = (ids == cfg.image_token_id).nonzero().squeeze(1).tolist()
+    second = [i for i in images if start <= i < start + len(samples[1].ids)]
+    assert len(second) == 8  # 112 x 56 pixels: 4 x 2 merged cells
+    # (500,0),(750,500) on a 4 x 2 grid: the third cell of the first row
+    for row in range(2):
+        assert plan.target[row].nonzero().squeeze(1).tolist() == [second[2]]
+        assert plan.visible[row].nonzero().squeeze(1).tolist() == list(range(start, p + row + 1))
+
+
+def test_plan_is_none_without_grounding_answers(tiny_ckpt, processor):
+    cfg = qwen2vl.load_model(tiny_ckpt).cfg
+    samples = [
+        encode_conversation(messages(picture(), "What is it?", "Noise."), processor),
+        encode_conversation(messages(None, "Say (1,2),(3,4).", "(1,2),(3,4)"), processor),
+    ]
+    batch = collate(samples, cfg)
+    assert plan_box_attention(batch, processor.tokenizer, image_token_id=cfg.image_token_id,
+                              merge=2, tokens=2) is None  # fmt: skip
+
+
+def test_loss_is_minus_log_of_the_layers_attention_on_the_box(tiny_ckpt, processor):
+    model = qwen2vl.load_model(tiny_ckpt)
+    cfg = model.cfg
+    samples = [
+        encode_conversation(messages(picture(seed=1), "What is it?", "Noise."), processor),
+        encode_conversation(messages(picture(), "Find the red square.", GROUNDED), processor),
+    ]
+    batch = collate(samples, cfg)
+    plan = plan_box_attention(
+        batch, processor.tokenizer, image_token_id=cfg.image_token_id, merge=2, tokens=3
+    )
+    attn = model.model.layers[1].self_attn
+    torch.manual_seed(0)
+    x = torch.randn(1, batch.tokens, cfg.text.hidden_size)
+    t = cfg.text
+    cos, sin = mrope_cos_sin(
+        batch.position_ids, t.head_dim, t.rope_theta, t.mrope_section, torch.float32
+    )
+    got = box_attention_nll(attn, x, cos, sin, plan, heads=[0, 1])
+    # reference: every head's full attention matrix, packed samples kept apart, causal
+    T, D = batch.tokens, t.head_dim
+    q = attn.q_proj(x).view(T, t.num_attention_heads, D).transpose(0, 1)
+    k = attn.k_proj(x).view(T, t.num_key_value_heads, D).transpose(0, 1)
+    q = qwen2vl.model.rope.apply_rotary(q, cos, sin)
+    k = qwen2vl.model.rope.apply_rotary(k, cos, sin)
+    k = k.repeat_interleave(t.num_attention_heads // t.num_key_value_heads, 0)
+    sample = torch.repeat_interleave(torch.arange(2), torch.tensor([len(s.ids) for s in samples]))
+    allowed = (sample[:, None] == sample[None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+    weights = (q @ k.transpose(-1, -2) / D**0.5).masked_fill(~allowed, float("-inf")).softmax(-1)
+    want = 0.0
+    for h in (0, 1):
+        for i, qpos in enumerate(plan.queries.tolist()):
+            want -= torch.log(weights[h, qpos][plan.target[i]].sum())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def write_grounding(root, n):
+    """n one-object pictures whose answers box the bright square, at several places."""
+    lines = []
+    for i in range(n):
+        cell = i % 8
+        col, row = cell % 4, cell // 4
+        box = (28 * col, 28 * row, 28 * col + 28, 28 * row + 28)
+        picture(box=box, seed=i).save(root / f"g{i}.png")
+        x0, y0, x1, y1 = (round(1000 * v / s) for v, s in zip(box, (112, 56, 112, 56), strict=True))
+        answer = (f"<|object_ref_start|>red square<|object_ref_end|>"
+                  f"<|box_start|>({x0},{y0}),({x1},{y1})<|box_end|>")  # fmt: skip
+        lines.append(json.dumps({"messages": messages(f"g{i}.png", "Where is it?", answer)}))
+    path = root / "grounding.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(tiny_ckpt, data, out, **options):
+    cfg = TrainConfig(model=str(tiny_ckpt), data=str(data), output=str(out), max_steps=40,
+                      lr=1e-2, warmup_steps=2, max_tokens=256, **options)  # fmt: skip
+    result = train(cfg)
+    return result, read_metrics(out / "metrics.jsonl")
+
+
+def test_training_moves_the_heads_attention_onto_the_box(tiny_ckpt, tmp_path):
+    data = write_grounding(tmp_path, 16)
+    _, records = run(tiny_ckpt, data, tmp_path / "on", box_attention=1.0)
+    nll = [r["box_attention"] for r in records]
+    assert all(v is not None for v in nll)
+    first, last = np.mean(nll[:3]), np.mean(nll[-3:])
+    assert last < 0.5 * first, (first, last)
+
+
+def test_without_grounding_answers_training_is_unchanged(tiny_ckpt, make_data, tmp_path):
+    data = make_data(6)
+    off, _ = run(tiny_ckpt, data, tmp_path / "off")
+    on, records = run(tiny_ckpt, data, tmp_path / "on", box_attention=1.0)
+    assert on.losses == off.losses
+    assert {r["box_attention"] for r in records} == {None}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"box_attention_layer": 2},  # the tiny model has layers 0 and 1
+        {"box_attention_heads": [2]},  # and heads 0 and 1
+        {"gradient_checkpointing": True},
+    ],
+)
+def test_impossible_settings_are_config_errors(tiny_ckpt, make_data, tmp_path, options):
+    with pytest.raises(ConfigError):
+        run(tiny_ckpt, make_data(2), tmp_path / "x", box_attention=1.0, **options)
+
+
+def test_config_reads_heads_as_a_comma_list():
+    assert TrainConfig(box_attention_heads="0, 2").box_attention_heads == [0, 2]
+    with pytest.raises(ConfigError):
+        TrainConfig(box_attention_heads="0,two")
+    with pytest.raises(ConfigError):
+        TrainConfig(box_attention=-1.0)
