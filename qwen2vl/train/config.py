@@ -70,8 +70,10 @@ class TrainConfig:
         self.freeze = None if self.freeze is None else _as_list(self.freeze, "freeze")
         self.lora_targets = _as_list(self.lora_targets, "lora_targets")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
-        if isinstance(self.box_attention_heads, str):
-            heads = _as_list(self.box_attention_heads, "box_attention_heads")
+        if self.box_attention_heads is not None:
+            heads = self.box_attention_heads
+            if isinstance(heads, str):
+                heads = _as_list(heads, "box_attention_heads")
             self.box_attention_heads = [_as_int(h, "box_attention_heads") for h in heads]
         checks = [
             (self.stage in STAGES, "stage", f"one of {STAGES}"),
@@ -163,10 +165,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     return TrainConfig.from_dict(values)
 
 
-def _as_int(value: str, name: str) -> int:
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ConfigError(f"train config: {name} must hold integers, got {value!r}")
     try:
         return int(value)
-    except ValueError:
+    except (TypeError, ValueError):
         raise ConfigError(f"train config: {name} must hold integers, got {value!r}") from None
 
 

@@ -176,7 +176,9 @@ class Trainer:
         if not cfg.box_attention:
             return None
         if cfg.gradient_checkpointing or (self.env.distributed and cfg.strategy == "fsdp"):
-            raise ConfigError("box_attention works without gradient checkpointing and fsdp")
+            raise ConfigError(
+                "box_attention cannot be combined with gradient_checkpointing or fsdp"
+            )
         layer = (
             text.num_hidden_layers // 2
             if cfg.box_attention_layer is None

@@ -180,7 +180,9 @@ def test_impossible_settings_are_config_errors(tiny_ckpt, make_data, tmp_path, o
 
 def test_config_reads_heads_as_a_comma_list():
     assert TrainConfig(box_attention_heads="0, 2").box_attention_heads == [0, 2]
-    with pytest.raises(ConfigError):
-        TrainConfig(box_attention_heads="0,two")
+    assert TrainConfig(box_attention_heads=[1]).box_attention_heads == [1]
+    for bad in ("0,two", [0.5], [None]):
+        with pytest.raises(ConfigError):
+            TrainConfig(box_attention_heads=bad)
     with pytest.raises(ConfigError):
         TrainConfig(box_attention=-1.0)
