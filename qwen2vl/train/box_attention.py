@@ -11,9 +11,10 @@ asks each supervised head of one layer to put its attention on the image tokens 
 Why: a small LLM learns to *bind* a name to one of several objects very slowly from the answer's
 tokens alone (they hold one or two tokens of signal per sample: once x1 is written, the rest can
 be found by place). Measured on the default model: a grounding-only warm-up (40k questions,
-1,336 steps; keys not yet detached) boxed 62.5 % of held-out questions (IoU >= 0.5) with this
-loss, 48 % without; the whole recipe 48.5 % (with twice the grounding data) vs 40.5 %, the box on
-another object than the named one in 12 of 139 answers among several objects instead of 47.
+1,336 steps) boxed 62 % of held-out questions (IoU >= 0.5) with this loss, 48 % without (61 %
+supervising every box position instead of 2); the whole recipe 48.5 % (with twice the grounding
+data) vs 40.5 %, the box on another object than the named one in 12 of 139 answers among several
+objects instead of 47.
 
 The targets come from the packed row alone (ids, the box text, the image grid): any grounding
 data in Qwen2-VL's format can use it, no extra fields. Samples with other than one image, or a box
