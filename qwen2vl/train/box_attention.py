@@ -81,6 +81,8 @@ def plan_box_attention(
             continue
         (first, last), (_, h, w) = runs[0], sample_grids[0]
         rows, cols = h // merge, w // merge
+        if last - first != rows * cols:
+            continue
         for p in range(a, b):
             if ids[p] != box_start or batch.targets[p] == IGNORE_INDEX:
                 continue  # only boxes the sample's answer writes
@@ -90,7 +92,7 @@ def plan_box_attention(
                 continue
             box = tuple(int(v) / 1000 for v in found.groups())
             cells = box_cells(box, rows, cols)  # type: ignore[arg-type]
-            if not cells or last - first != rows * cols:
+            if not cells:
                 continue
             for q in range(p, min(p + tokens, end)):
                 queries.append(q)
@@ -157,14 +159,10 @@ class BoxAttention:
     loss to ``losses`` (read and clear them around each micro-batch)."""
 
     def __init__(self, layer: nn.Module, heads: list[int]):
-        attn = layer.self_attn
-        bad = [h for h in heads if not 0 <= h < attn.num_heads]
-        if bad:
-            raise ValueError(f"box attention heads {bad}: the layer has {attn.num_heads} heads")
-        self.attn, self.heads = attn, heads
+        self.heads = heads  # query heads of the layer (the trainer checks the range)
         self.plan: BoxAttentionPlan | None = None
         self.losses: list[torch.Tensor] = []
-        self._handle = attn.register_forward_pre_hook(self._hook)
+        layer.self_attn.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
         if self.plan is not None and torch.is_grad_enabled():
@@ -175,6 +173,3 @@ class BoxAttention:
         """The summed loss of the forwards since the last call (None if none), and clears it."""
         losses, self.losses = self.losses, []
         return torch.stack(losses).sum() if losses else None
-
-    def remove(self) -> None:
-        self._handle.remove()

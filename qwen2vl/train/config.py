@@ -166,7 +166,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
 
 
 def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float)):
         raise ConfigError(f"train config: {name} must hold integers, got {value!r}")
     try:
         return int(value)

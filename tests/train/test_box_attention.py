@@ -23,13 +23,6 @@ GROUNDED = (
 )
 
 
-def messages(image, question, answer):
-    content = [{"type": "text", "text": question}]
-    if image is not None:
-        content.insert(0, {"type": "image", "image": image})
-    return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-
-
 def picture(width=112, height=56, box=(56, 0, 84, 28), seed=0):
     """Dark noise with a bright square filling `box` (pixels x0, y0, x1, y1, end exclusive)."""
     rng = np.random.default_rng(seed)
@@ -51,7 +44,8 @@ def processor(tiny_ckpt):
     return load_processor(tiny_ckpt)
 
 
-def test_plan_reads_the_answer_box_of_its_own_sample(tiny_ckpt, processor):
+def test_plan_reads_the_answer_box_of_its_own_sample(tiny_ckpt, processor, helpers):
+    messages = helpers.conversation
     cfg = qwen2vl.load_model(tiny_ckpt).cfg
     samples = [
         encode_conversation(messages(picture(seed=1), "What is it?", "Noise."), processor),
@@ -77,7 +71,8 @@ def test_plan_reads_the_answer_box_of_its_own_sample(tiny_ckpt, processor):
         assert plan.visible[row].nonzero().squeeze(1).tolist() == list(range(start, p + row + 1))
 
 
-def test_plan_is_none_without_grounding_answers(tiny_ckpt, processor):
+def test_plan_is_none_without_grounding_answers(tiny_ckpt, processor, helpers):
+    messages = helpers.conversation
     cfg = qwen2vl.load_model(tiny_ckpt).cfg
     samples = [
         encode_conversation(messages(picture(), "What is it?", "Noise."), processor),
@@ -88,7 +83,8 @@ def test_plan_is_none_without_grounding_answers(tiny_ckpt, processor):
                               merge=2, tokens=2) is None  # fmt: skip
 
 
-def test_loss_is_minus_log_of_the_layers_attention_on_the_box(tiny_ckpt, processor):
+def test_loss_is_minus_log_of_the_layers_attention_on_the_box(tiny_ckpt, processor, helpers):
+    messages = helpers.conversation
     model = qwen2vl.load_model(tiny_ckpt)
     cfg = model.cfg
     samples = [
@@ -124,7 +120,7 @@ def test_loss_is_minus_log_of_the_layers_attention_on_the_box(tiny_ckpt, process
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def write_grounding(root, n):
+def write_grounding(root, n, conversation):
     """n one-object pictures whose answers box the bright square, at several places."""
     lines = []
     for i in range(n):
@@ -135,7 +131,7 @@ def write_grounding(root, n):
         x0, y0, x1, y1 = (round(1000 * v / s) for v, s in zip(box, (112, 56, 112, 56), strict=True))
         answer = (f"<|object_ref_start|>red square<|object_ref_end|>"
                   f"<|box_start|>({x0},{y0}),({x1},{y1})<|box_end|>")  # fmt: skip
-        lines.append(json.dumps({"messages": messages(f"g{i}.png", "Where is it?", answer)}))
+        lines.append(json.dumps({"messages": conversation(f"g{i}.png", "Where is it?", answer)}))
     path = root / "grounding.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -148,8 +144,8 @@ def run(tiny_ckpt, data, out, **options):
     return result, read_metrics(out / "metrics.jsonl")
 
 
-def test_training_moves_the_heads_attention_onto_the_box(tiny_ckpt, tmp_path):
-    data = write_grounding(tmp_path, 16)
+def test_training_moves_the_heads_attention_onto_the_box(tiny_ckpt, tmp_path, helpers):
+    data = write_grounding(tmp_path, 16, helpers.conversation)
     _, records = run(tiny_ckpt, data, tmp_path / "on", box_attention=1.0)
     nll = [r["box_attention"] for r in records]
     assert all(v is not None for v in nll)
