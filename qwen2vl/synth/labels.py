@@ -5,7 +5,8 @@ pretrained on what the synthetic world knows about every pixel it drew. Labels a
 merged token (the 2x2-patch cell one LLM token stands for), in the merger's output order
 (temporal slot, row, column), plus a few per-item values:
 
-    colour, kind      the object covering most of the cell (0 = background)
+    colour, kind      the object covering most of the cell, if at least COVERED of it, and
+                      each object's most covered cell however small it is (0 = background)
     box               that object's box, corners / image size, in [0, 1]
     x1_hundreds ...   the hundreds digit of each of that box's corners as a grounding answer
                       writes them (x1, y1, x2, y2 in [0, 1000); -1 off objects): the digit the
@@ -130,6 +131,13 @@ def _slot(sample: Sample, frame: Image.Image, shapes: list[Shape], rows: int, co
         best, share = stack.argmax(0), stack.max(0)
         for k, s in enumerate(shapes):
             on = (best == k) & (share >= COVERED)
+            mine = int(stack[k].argmax())
+            if not on.any() and best[mine] == k:
+                # an object smaller than a cell (a 12-pixel one straddling four cells covers
+                # each by under 15 %) labels the cell it covers most: else it has no labelled
+                # cell at all and pretraining teaches its cells as background (measured: such
+                # grounding targets, 15 % of the eval's, were found 13 % of the time)
+                on[mine] = True
             tokens["colour"][on] = list(COLOURS).index(s.colour) + 1
             tokens["kind"][on] = SHAPES.index(s.kind) + 1
             x0, y0, x1, y1 = s.corners

@@ -53,12 +53,16 @@ log = logging.getLogger("qwen2vl.synth.pretrain")
 # learnt at weight 1 (loss 1.16 of 1.61 at chance after 2000 steps); count at weight 3 took a
 # probe on the pooled features from 60 to 71 % (measured); and the four text heads'
 # large losses crowd out the rest (at 0.25 every vision head ended lower, measured). Box and
-# place (4 and 2) are what grounding reads; on the ramped canvas they fell from chance
-# (where 0.22, box 0.18 L1) to 0.03 and 0.044 with the box digits beside them (measured).
+# place are what grounding reads; on the ramped canvas they fell from chance (where 0.22, box
+# 0.18 L1) to 0.03 and 0.044 with the box digits beside them (measured). The box loss is
+# relative to the object's size (`box_loss`; weight 2 is the former weight 4 on absolute L1
+# for an object half the image's side): a probe reading the target's box from the ViT's tokens
+# met IoU >= 0.5 on 85.5 % of held-out grounding targets, 81 % with absolute L1 (objects under
+# 16 pixels: 54 vs 47 %, measured).
 LOSS_WEIGHTS = {
     "shape": 4.0,
     "count": 3.0,
-    "box": 4.0,
+    "box": 2.0,
     "where": 2.0,
     **dict.fromkeys(BOX_DIGITS, 0.5),
     **{f"text_{k}": 0.25 for k in range(MAX_TEXT)},
@@ -183,7 +187,7 @@ def losses(heads: Heads, feats: torch.Tensor, items: list[_Item]) -> dict[str, t
     on = cat(it.labels.tokens["colour"] for it in items) > 0
     if on.any():
         box = cat(it.labels.box for it in items)
-        out["box"] = F.l1_loss(heads.box(feats[on]).sigmoid(), box[on])
+        out["box"] = box_loss(heads.box(feats[on]).sigmoid(), box[on])
     out["where"] = F.l1_loss(heads.where(feats).sigmoid(), cat(it.labels.where for it in items))
     sizes = [len(it.labels.where) for it in items]
     for name, head in heads.item.items():
@@ -195,6 +199,14 @@ def losses(heads: Heads, feats: torch.Tensor, items: list[_Item]) -> dict[str, t
         target = torch.from_numpy(np.stack([it.labels.sets[name] for it in items]))
         out[name] = F.binary_cross_entropy_with_logits(head(heads.pool(name, feats, sizes)), target)
     return out
+
+
+def box_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean L1 error of boxes [N, 4] (x1, y1, x2, y2), each corner's error divided by its box's
+    side along that axis: IoU, which grounding is scored by, depends on the error relative to
+    the object, so a pixel off a 12-pixel object weighs as much as eight off a 96-pixel one."""
+    size = (target[:, 2:] - target[:, :2]).repeat(1, 2)
+    return ((pred - target).abs() / size).mean()
 
 
 def pretrain_vision(cfg: PretrainConfig) -> list[dict[str, float]]:

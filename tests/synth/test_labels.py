@@ -100,3 +100,20 @@ def test_video_labels_carry_the_motion(processor):
     lab = labels[-1]
     assert grids[-1][0] == len(sample.video) // 2
     assert lab.item["direction"] >= 0 and lab.item["count"] == -1
+
+
+def test_every_object_labels_a_cell_however_small(processor):
+    # grounding draws objects from 12 pixels: one straddling four 28-pixel cells covers none of
+    # them by COVERED, and must still label the cell it covers most, with its own box
+    small = 0
+    for index in range(40):
+        sample, _, (lab,) = labelled(processor, "grounding", index)
+        width, height = sample.images[0].size
+        for shape in sample.shapes:
+            x0, y0, x1, y1 = shape.corners
+            corners = [x0 / width, y0 / height, x1 / width, y1 / height]
+            mine = np.all(np.isclose(lab.box, corners), axis=1)
+            on = mine & (lab.tokens["colour"] == list(COLOURS).index(shape.colour) + 1)
+            assert on.any(), (index, shape)
+            small += (x1 - x0) < 16
+    assert small > 0  # the seed draws some objects under 16 pixels
