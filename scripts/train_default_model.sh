@@ -32,7 +32,7 @@ run $PY -m qwen2vl.synth --out "$B/data/warmup" --seed 100 --n "$(n 2000)" \
 run $PY -m qwen2vl.synth --out "$B/data/stage1" --seed 101 --n "$(n 300)"
 run $PY -m qwen2vl.synth --out "$B/data/stage2" --seed 102 --n "$(n 1000)"
 run $PY -m qwen2vl.synth --out "$B/data/stage3" --seed 103 --n "$(n 4000)" \
-    --n-task grounding="$(n 20000)" ocr="$(n 8000)" count="$(n 10000)" \
+    --n-task grounding="$(n 20000)" ocr="$(n 8000)" count="$(n 13000)" \
     shape="$(n 8000)" video_direction="$(n 1000)" compare="$(n 2000)"
 
 # only the tokens the data holds get non-zero embedding rows: the stages then score the other
