@@ -43,6 +43,7 @@ from qwen2vl.synth.labels import (
     scene_labels,
 )
 from qwen2vl.synth.tasks import ALL_TASKS
+from qwen2vl.train.box_regression import box_loss
 from qwen2vl.train.checkpoint import copy_processor_files
 from qwen2vl.train.optim import adamw
 from qwen2vl.weights import load_model, save_pretrained
@@ -199,14 +200,6 @@ def losses(heads: Heads, feats: torch.Tensor, items: list[_Item]) -> dict[str, t
         target = torch.from_numpy(np.stack([it.labels.sets[name] for it in items]))
         out[name] = F.binary_cross_entropy_with_logits(head(heads.pool(name, feats, sizes)), target)
     return out
-
-
-def box_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean L1 error of boxes [N, 4] (x1, y1, x2, y2), each corner's error divided by its box's
-    side along that axis: IoU, which grounding is scored by, depends on the error relative to
-    the object, so a pixel off a 12-pixel object weighs as much as eight off a 96-pixel one."""
-    size = (target[:, 2:] - target[:, :2]).repeat(1, 2)
-    return ((pred - target).abs() / size).mean()
 
 
 def pretrain_vision(cfg: PretrainConfig) -> list[dict[str, float]]:

@@ -70,7 +70,6 @@ def plan_box_attention(
     ids = batch.input_ids[0].tolist()
     bounds = batch.cu_seqlens.tolist()
     grids = [] if batch.image_grid_thw is None else batch.image_grid_thw.tolist()
-    box_start, box_end = tokenizer.special_id(BOX_START), tokenizer.special_id(BOX_END)
     n_images = 0
     queries, targets, starts = [], [], []
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
@@ -83,15 +82,8 @@ def plan_box_attention(
         rows, cols = h // merge, w // merge
         if last - first != rows * cols:
             continue
-        for p in range(a, b):
-            if ids[p] != box_start or batch.targets[p] == IGNORE_INDEX:
-                continue  # only boxes the sample's answer writes
-            end = next((e for e in range(p + 1, b) if ids[e] == box_end), None)
-            found = BOX.fullmatch(tokenizer.decode(ids[p + 1 : end])) if end else None
-            if found is None:
-                continue
-            box = tuple(int(v) / 1000 for v in found.groups())
-            cells = box_cells(box, rows, cols)  # type: ignore[arg-type]
+        for p, end, box in answer_boxes(ids, batch.targets, tokenizer, a, b):
+            cells = box_cells(box, rows, cols)
             if not cells:
                 continue
             for q in range(p, min(p + tokens, end)):
@@ -107,6 +99,26 @@ def plan_box_attention(
         target[i, cells] = True
         visible[i, a : q + 1] = True
     return BoxAttentionPlan(torch.tensor(queries), target, visible)
+
+
+def answer_boxes(
+    ids: list[int], targets: torch.Tensor, tokenizer: Tokenizer, a: int = 0, b: int | None = None
+) -> list[tuple[int, int, tuple[float, float, float, float]]]:
+    """(position of <|box_start|>, of <|box_end|>, the box in [0, 1)) of each one-box
+    ``(x1,y1),(x2,y2)`` that an answer writes in a packed row's ids[a:b] (next-token `targets`
+    tell what is trained)."""
+    b = len(ids) if b is None else b
+    box_start, box_end = tokenizer.special_id(BOX_START), tokenizer.special_id(BOX_END)
+    found = []
+    for p in range(a, b):
+        if ids[p] != box_start or targets[p] == IGNORE_INDEX:
+            continue  # only boxes the sample's answer writes
+        end = next((e for e in range(p + 1, b) if ids[e] == box_end), None)
+        match = BOX.fullmatch(tokenizer.decode(ids[p + 1 : end])) if end else None
+        if match is not None:
+            x1, y1, x2, y2 = (int(v) / 1000 for v in match.groups())
+            found.append((p, end, (x1, y1, x2, y2)))
+    return found
 
 
 def _runs(ids: list[int], a: int, b: int, token: int) -> list[tuple[int, int]]:

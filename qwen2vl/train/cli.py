@@ -93,6 +93,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=S,
         help="answer positions supervised from <|box_start|> on (default 2)",
     )
+    p.add_argument(
+        "--box-regression",
+        type=float,
+        default=S,
+        help="weight of the box-regression loss (0: off): while a grounding answer writes its "
+        "box, a linear head on one LLM layer's output is taught the box's corners",
+    )
+    p.add_argument(
+        "--box-regression-layer",
+        type=int,
+        default=S,
+        help="the layer whose output the head reads (default: the third from last)",
+    )
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "qwen2vl train") -> int:

@@ -65,6 +65,10 @@ class TrainConfig:
     box_attention_layer: int | None = None
     box_attention_heads: list[int] | None = None
     box_attention_tokens: int = 2
+    # box regression (box_regression.py): weight of the loss, 0 = off; the layer whose output a
+    # head reads the box from (None: the third from last, or the first of a smaller model)
+    box_regression: float = 0.0
+    box_regression_layer: int | None = None
 
     def __post_init__(self) -> None:
         self.freeze = None if self.freeze is None else _as_list(self.freeze, "freeze")
@@ -94,6 +98,7 @@ class TrainConfig:
             (len(self.adam_betas) == 2, "adam_betas", "two numbers"),
             (self.box_attention >= 0, "box_attention", ">= 0"),
             (self.box_attention_tokens >= 1, "box_attention_tokens", ">= 1"),
+            (self.box_regression >= 0, "box_regression", ">= 0"),
         ]
         for ok, name, want in checks:
             if not ok:

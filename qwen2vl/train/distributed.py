@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +92,18 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def average_grads(params: Iterable[torch.Tensor], env: DistEnv) -> None:
+    """Averages the gradients of parameters outside the wrapped model over the ranks (what DDP
+    does for the model's own)."""
+    if not env.distributed:
+        return
+    for p in params:
+        if p.grad is None:  # a rank without the loss this step still joins the collective
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= env.world
 
 
 def all_gather_objects(obj, env: DistEnv) -> list:

@@ -30,6 +30,7 @@ from qwen2vl.tokenizer import Tokenizer
 from qwen2vl.train import checkpoint as ckpt
 from qwen2vl.train import distributed as D
 from qwen2vl.train.box_attention import BoxAttention, plan_box_attention
+from qwen2vl.train.box_regression import BoxRegression, plan_box_regression
 from qwen2vl.train.config import TrainConfig
 from qwen2vl.train.data import (
     ConversationData,
@@ -42,7 +43,7 @@ from qwen2vl.train.data import (
     validate_file,
 )
 from qwen2vl.train.metrics import MetricsLog, Progress, plot_loss, read_metrics
-from qwen2vl.train.optim import build_optimizer, lr_at, set_lr
+from qwen2vl.train.optim import adamw, build_optimizer, lr_at, set_lr
 from qwen2vl.train.packing import (
     PackSchedule,
     collate,
@@ -126,7 +127,13 @@ class Trainer:
         self.rows_per_step, self.accum = self._step_shape(resume)
         if resume is not None:
             self._load_trainable(resume)
+        self.tokenizer = None  # read only by the box losses
+        if cfg.box_attention or cfg.box_regression:
+            self.tokenizer = getattr(getattr(self.data, "processor", None), "tokenizer", None)
+            if self.tokenizer is None:
+                self.tokenizer = Tokenizer.from_dir(cfg.model or None)
         self.box = self._box_attention()
+        self.regress, self.regress_optimizer = self._box_regression()
         self.engine = D.wrap(self.net, env, cfg.strategy)
         self.optimizer = build_optimizer(
             self.engine, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas
@@ -196,13 +203,35 @@ class Trainer:
             raise ConfigError(
                 f"box_attention_heads {heads}: the model has {text.num_attention_heads} heads"
             )
-        self.tokenizer = getattr(getattr(self.data, "processor", None), "tokenizer", None)
-        if self.tokenizer is None:
-            self.tokenizer = Tokenizer.from_dir(cfg.model or None)
         if self.env.main:
             log.info("box attention: layer %d, heads %s, %d answer positions, weight %g",
                      layer, heads, cfg.box_attention_tokens, cfg.box_attention)  # fmt: skip
         return BoxAttention(self.net.model.layers[layer], heads)
+
+    def _box_regression(self) -> tuple[BoxRegression | None, torch.optim.Optimizer | None]:
+        """The box-regression head on its layer and the head's own optimizer (cfg.box_regression
+        > 0), else (None, None)."""
+        cfg, text = self.cfg, self.net.cfg.text
+        if not cfg.box_regression:
+            return None, None
+        if cfg.gradient_checkpointing:
+            raise ConfigError("box_regression cannot be combined with gradient_checkpointing")
+        layer = (
+            max(0, text.num_hidden_layers - 3)
+            if cfg.box_regression_layer is None
+            else cfg.box_regression_layer
+        )
+        if not 0 <= layer < text.num_hidden_layers:
+            raise ConfigError(
+                f"box_regression_layer {layer}: the model has {text.num_hidden_layers} layers"
+            )
+        torch.manual_seed(cfg.seed)  # the head's initial weights
+        head = BoxRegression(self.net.model.layers[layer], text.hidden_size).to(self.env.device)
+        if self.env.main:
+            log.info("box regression: a head on layer %d's output, weight %g",
+                     layer, cfg.box_regression)  # fmt: skip
+        optimizer = adamw(head.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=0.0)
+        return head, optimizer
 
     def _find_resume(self) -> ckpt.Checkpoint | None:
         if not self.cfg.resume:
@@ -300,7 +329,9 @@ class Trainer:
         epoch, first, rows = self.schedule.rows(step)
         info = self.data.info
         targets = sum(info[i].targets for row in rows for i in row)
-        total, box = 0.0, [0.0, 0.0]  # box attention: summed -log mass, supervised (query, head)s
+        # box attention: summed -log mass, supervised (query, head)s; box regression: summed
+        # relative error, positions
+        total, box = 0.0, [0.0, 0.0, 0.0, 0.0]
         for m in range(self.accum):
             j = m * env.world + env.rank  # interleaved, so a short last step spreads over ranks
             row = rows[j] if j < len(rows) else []  # none left: the dummy row, for collectives
@@ -313,13 +344,21 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.regress is not None:  # its own optimizer: the model's stays as saved and resumed
+            D.average_grads(self.regress.parameters(), env)
+            set_lr(self.regress_optimizer, lr)
+            self.regress_optimizer.step()
+            self.regress_optimizer.zero_grad(set_to_none=True)
         (total,) = D.all_reduce_sum([total], env)
         tokens = sum(info[i].tokens for row in rows for i in row)
         seconds = time.monotonic() - t0
         extra = {}
-        if self.box is not None:
+        if self.box is not None or self.regress is not None:
             box = D.all_reduce_sum(box, env)
+        if self.box is not None:
             extra["box_attention"] = box[0] / box[1] if box[1] else None
+        if self.regress is not None:
+            extra["box_regression"] = box[2] / box[3] if box[3] else None
         return extra | {
             "step": step + 1,
             "epoch": epoch,
@@ -337,7 +376,7 @@ class Trainer:
         self, row: list[int], epoch: int, index: int, targets: int, box: list[float], *, sync: bool
     ) -> float:
         """Forward and backward of one packed row; returns its summed loss (the box-attention
-        loss, when on, is added into `box` as [sum, count])."""
+        and box-regression losses, when on, are added into `box` as [sum, count, sum, count])."""
         batch = collate([self.data[i] for i in row], self.net.cfg)
         if self.box is not None:
             self.box.plan = plan_box_attention(
@@ -347,6 +386,8 @@ class Trainer:
                 merge=self.net.cfg.vision.spatial_merge_size,
                 tokens=self.cfg.box_attention_tokens,
             )
+        if self.regress is not None:
+            self.regress.plan = plan_box_regression(batch, self.tokenizer)
         torch.manual_seed(_row_seed(self.cfg.seed, epoch, index))
         device = self.env.device
         with D.gradient_sync(self.engine, sync):
@@ -370,6 +411,13 @@ class Trainer:
                     box[0] += float(nll.detach())
                     box[1] += len(self.box.plan.queries) * len(self.box.heads)
                 self.box.plan = None  # before backward: no loss from recomputed forwards
+            if self.regress is not None:
+                nll = self.regress.take()
+                if nll is not None:
+                    objective = objective + self.cfg.box_regression * nll
+                    box[2] += float(nll.detach())
+                    box[3] += len(self.regress.plan[0])
+                self.regress.plan = None
             (objective * self.env.world / max(targets, 1)).backward()
         return float(loss.detach())
 

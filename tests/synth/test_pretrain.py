@@ -11,7 +11,7 @@ import torch
 
 import qwen2vl
 from qwen2vl.cli import main as cli_main
-from qwen2vl.synth.pretrain import PretrainConfig, box_loss, pool_plan, pretrain_vision
+from qwen2vl.synth.pretrain import PretrainConfig, pool_plan, pretrain_vision
 from qwen2vl.train.init import write_initial
 
 ARCH = Path(__file__).parents[2] / "recipes/default/model"
@@ -92,12 +92,3 @@ def test_the_cli_refuses_a_bad_task_weight(item, tmp_path, capsys):
         == 2
     )
     assert "error:" in capsys.readouterr().err and not out.exists()
-
-
-def test_the_box_loss_weighs_an_error_by_the_objects_size():
-    target = torch.tensor([[0.1, 0.2, 0.2, 0.4], [0.0, 0.0, 0.8, 0.5]])
-    off = torch.tensor([0.02, 0.02, 0.0, 0.0])  # the same error on both boxes' x1 and y1
-    per_box = [box_loss((t + off)[None], t[None]).item() for t in target]
-    assert per_box == pytest.approx([(0.02 / 0.1 + 0.02 / 0.2) / 4, (0.02 / 0.8 + 0.02 / 0.5) / 4])
-    assert box_loss(target + off, target).item() == pytest.approx(sum(per_box) / 2)
-    assert box_loss(target, target).item() == 0

@@ -12,7 +12,8 @@ from tiny_qwen2vl import tiny_config
 import qwen2vl
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.processor import VisualEncoding
-from qwen2vl.train import Sample
+from qwen2vl.train import Sample, TrainConfig, train
+from qwen2vl.train.metrics import read_metrics
 
 # Vision special ids of the 64-token model used where no tokenizer is needed.
 IMAGE, VIDEO, VSTART, VEND = 60, 61, 62, 63
@@ -139,11 +140,50 @@ def tiny64():
     )
 
 
+def picture(width=112, height=56, box=(56, 0, 84, 28), seed=0):
+    """Dark noise with a bright square filling `box` (pixels x0, y0, x1, y1, end exclusive)."""
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    array[y0:y1, x0:x1] = (230, 30, 30)
+    return Image.fromarray(array)
+
+
+def write_grounding(root, n):
+    """n one-object pictures whose answers box the bright square, at several places."""
+    lines = []
+    for i in range(n):
+        cell = i % 8
+        col, row = cell % 4, cell // 4
+        box = (28 * col, 28 * row, 28 * col + 28, 28 * row + 28)
+        picture(box=box, seed=i).save(root / f"g{i}.png")
+        x0, y0, x1, y1 = (round(1000 * v / s) for v, s in zip(box, (112, 56, 112, 56), strict=True))
+        answer = (f"<|object_ref_start|>red square<|object_ref_end|>"
+                  f"<|box_start|>({x0},{y0}),({x1},{y1})<|box_end|>")  # fmt: skip
+        lines.append(json.dumps({"messages": conversation(f"g{i}.png", "Where is it?", answer)}))
+    path = root / "grounding.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_briefly(tiny_ckpt, data, out, **options):
+    """40 steps at a high rate on `data`: the result and the metrics records."""
+    cfg = TrainConfig(model=str(tiny_ckpt), data=str(data), output=str(out), max_steps=40,
+                      lr=1e-2, warmup_steps=2, max_tokens=256, **options)  # fmt: skip
+    result = train(cfg)
+    return result, read_metrics(out / "metrics.jsonl")
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """Image, conversation and dataset writers for tests that build their own files."""
     import types
 
     return types.SimpleNamespace(
-        write_image=write_image, conversation=conversation, write_dataset=write_dataset
+        write_image=write_image,
+        conversation=conversation,
+        write_dataset=write_dataset,
+        picture=picture,
+        write_grounding=write_grounding,
+        train_briefly=train_briefly,
     )

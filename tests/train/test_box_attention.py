@@ -1,35 +1,22 @@
 """Box attention: targets read from the packed row, the loss equal to -log of the attention the
 layer computes, and trainer runs (the head learns; rows without grounding answers: no change)."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import qwen2vl
 from qwen2vl.errors import ConfigError
 from qwen2vl.model.rope import mrope_cos_sin
 from qwen2vl.processor import load_processor
-from qwen2vl.train import TrainConfig, train
+from qwen2vl.train import TrainConfig
 from qwen2vl.train.box_attention import box_attention_nll, box_cells, plan_box_attention
 from qwen2vl.train.data import encode_conversation
-from qwen2vl.train.metrics import read_metrics
 from qwen2vl.train.packing import collate
 
 GROUNDED = (
     "<|object_ref_start|>red square<|object_ref_end|><|box_start|>(500,0),(750,500)<|box_end|>"
 )
-
-
-def picture(width=112, height=56, box=(56, 0, 84, 28), seed=0):
-    """Dark noise with a bright square filling `box` (pixels x0, y0, x1, y1, end exclusive)."""
-    rng = np.random.default_rng(seed)
-    array = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
-    x0, y0, x1, y1 = box
-    array[y0:y1, x0:x1] = (230, 30, 30)
-    return Image.fromarray(array)
 
 
 def test_box_cells_keeps_the_cells_the_box_covers():
@@ -48,10 +35,14 @@ def test_plan_reads_the_answer_box_of_its_own_sample(tiny_ckpt, processor, helpe
     messages = helpers.conversation
     cfg = qwen2vl.load_model(tiny_ckpt).cfg
     samples = [
-        encode_conversation(messages(picture(seed=1), "What is it?", "Noise."), processor),
-        encode_conversation(messages(picture(), "Find the red square.", GROUNDED), processor),
+        encode_conversation(messages(helpers.picture(seed=1), "What is it?", "Noise."), processor),
+        encode_conversation(
+            messages(helpers.picture(), "Find the red square.", GROUNDED), processor
+        ),
         # a box the user writes is no answer: not supervised
-        encode_conversation(messages(picture(seed=2), f"Is it {GROUNDED}?", "Yes."), processor),
+        encode_conversation(
+            messages(helpers.picture(seed=2), f"Is it {GROUNDED}?", "Yes."), processor
+        ),
     ]
     batch = collate(samples, cfg)
     plan = plan_box_attention(
@@ -75,7 +66,7 @@ def test_plan_is_none_without_grounding_answers(tiny_ckpt, processor, helpers):
     messages = helpers.conversation
     cfg = qwen2vl.load_model(tiny_ckpt).cfg
     samples = [
-        encode_conversation(messages(picture(), "What is it?", "Noise."), processor),
+        encode_conversation(messages(helpers.picture(), "What is it?", "Noise."), processor),
         encode_conversation(messages(None, "Say (1,2),(3,4).", "(1,2),(3,4)"), processor),
     ]
     batch = collate(samples, cfg)
@@ -88,8 +79,10 @@ def test_loss_is_minus_log_of_the_layers_attention_on_the_box(tiny_ckpt, process
     model = qwen2vl.load_model(tiny_ckpt)
     cfg = model.cfg
     samples = [
-        encode_conversation(messages(picture(seed=1), "What is it?", "Noise."), processor),
-        encode_conversation(messages(picture(), "Find the red square.", GROUNDED), processor),
+        encode_conversation(messages(helpers.picture(seed=1), "What is it?", "Noise."), processor),
+        encode_conversation(
+            messages(helpers.picture(), "Find the red square.", GROUNDED), processor
+        ),
     ]
     batch = collate(samples, cfg)
     plan = plan_box_attention(
@@ -120,43 +113,19 @@ def test_loss_is_minus_log_of_the_layers_attention_on_the_box(tiny_ckpt, process
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def write_grounding(root, n, conversation):
-    """n one-object pictures whose answers box the bright square, at several places."""
-    lines = []
-    for i in range(n):
-        cell = i % 8
-        col, row = cell % 4, cell // 4
-        box = (28 * col, 28 * row, 28 * col + 28, 28 * row + 28)
-        picture(box=box, seed=i).save(root / f"g{i}.png")
-        x0, y0, x1, y1 = (round(1000 * v / s) for v, s in zip(box, (112, 56, 112, 56), strict=True))
-        answer = (f"<|object_ref_start|>red square<|object_ref_end|>"
-                  f"<|box_start|>({x0},{y0}),({x1},{y1})<|box_end|>")  # fmt: skip
-        lines.append(json.dumps({"messages": conversation(f"g{i}.png", "Where is it?", answer)}))
-    path = root / "grounding.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def run(tiny_ckpt, data, out, **options):
-    cfg = TrainConfig(model=str(tiny_ckpt), data=str(data), output=str(out), max_steps=40,
-                      lr=1e-2, warmup_steps=2, max_tokens=256, **options)  # fmt: skip
-    result = train(cfg)
-    return result, read_metrics(out / "metrics.jsonl")
-
-
 def test_training_moves_the_heads_attention_onto_the_box(tiny_ckpt, tmp_path, helpers):
-    data = write_grounding(tmp_path, 16, helpers.conversation)
-    _, records = run(tiny_ckpt, data, tmp_path / "on", box_attention=1.0)
+    data = helpers.write_grounding(tmp_path, 16)
+    _, records = helpers.train_briefly(tiny_ckpt, data, tmp_path / "on", box_attention=1.0)
     nll = [r["box_attention"] for r in records]
     assert all(v is not None for v in nll)
     first, last = np.mean(nll[:3]), np.mean(nll[-3:])
     assert last < 0.5 * first, (first, last)
 
 
-def test_without_grounding_answers_training_is_unchanged(tiny_ckpt, make_data, tmp_path):
+def test_without_grounding_answers_training_is_unchanged(tiny_ckpt, make_data, tmp_path, helpers):
     data = make_data(6)
-    off, _ = run(tiny_ckpt, data, tmp_path / "off")
-    on, records = run(tiny_ckpt, data, tmp_path / "on", box_attention=1.0)
+    off, _ = helpers.train_briefly(tiny_ckpt, data, tmp_path / "off")
+    on, records = helpers.train_briefly(tiny_ckpt, data, tmp_path / "on", box_attention=1.0)
     assert on.losses == off.losses
     assert {r["box_attention"] for r in records} == {None}
 
@@ -169,9 +138,9 @@ def test_without_grounding_answers_training_is_unchanged(tiny_ckpt, make_data, t
         {"gradient_checkpointing": True},
     ],
 )
-def test_impossible_settings_are_config_errors(tiny_ckpt, make_data, tmp_path, options):
+def test_impossible_settings_are_config_errors(tiny_ckpt, make_data, tmp_path, helpers, options):
     with pytest.raises(ConfigError):
-        run(tiny_ckpt, make_data(2), tmp_path / "x", box_attention=1.0, **options)
+        helpers.train_briefly(tiny_ckpt, make_data(2), tmp_path / "x", box_attention=1.0, **options)
 
 
 def test_config_reads_heads_as_a_comma_list():

@@ -1,5 +1,6 @@
 """torchrun with 2 processes on CPU (gloo): DDP and FSDP2 give the one-process losses for the same
-global batch, and checkpoints resume across process counts (2 -> 1 and 1 -> 2)."""
+global batch (also with the box-regression head, which lives outside the wrapped model), and
+checkpoints resume across process counts (2 -> 1 and 1 -> 2)."""
 
 import json
 import os
@@ -92,3 +93,19 @@ def test_fsdp2_resumes_a_one_process_checkpoint_on_two(files, single, tmp_path):
         final.state_dict().items(), reference.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_box_regression_head_is_averaged_over_ranks(tiny_ckpt, tmp_path, helpers, strategy):
+    """The head lives outside the wrapped model: its gradients are averaged by hand. A head
+    that drifted apart on each rank would move the model differently from step 2 on."""
+    data = helpers.write_grounding(tmp_path, 8)
+    torch.set_num_threads(1)
+    cfg = TrainConfig(model=str(tiny_ckpt), data=str(data), output=str(tmp_path / "one"),
+                      grad_accum=2, box_regression=1.0, **OPTIONS)  # fmt: skip
+    one = train(cfg).losses
+    two = torchrun(tiny_ckpt, data, tmp_path / strategy, f"--strategy={strategy}",
+                   "--box-regression=1.0")  # fmt: skip
+    assert two == pytest.approx(one, rel=1e-5)
+    records = read_metrics(tmp_path / strategy / "metrics.jsonl")
+    assert all(r["box_regression"] is not None for r in records)
