@@ -96,14 +96,15 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
 
 def average_grads(params: Iterable[torch.Tensor], env: DistEnv) -> None:
     """Averages the gradients of parameters outside the wrapped model over the ranks (what DDP
-    does for the model's own)."""
-    if not env.distributed:
-        return
+    does for the model's own). A missing gradient counts as zeros, with one process too: a rank
+    without the loss this step still joins the collective, and the optimizer then steps the
+    same whatever the process count."""
     for p in params:
-        if p.grad is None:  # a rank without the loss this step still joins the collective
+        if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= env.world
+        if env.distributed:
+            dist.all_reduce(p.grad)
+            p.grad /= env.world
 
 
 def all_gather_objects(obj, env: DistEnv) -> list:

@@ -100,6 +100,9 @@ def test_box_regression_head_is_averaged_over_ranks(tiny_ckpt, tmp_path, helpers
     """The head lives outside the wrapped model: its gradients are averaged by hand. A head
     that drifted apart on each rank would move the model differently from step 2 on."""
     data = helpers.write_grounding(tmp_path, 8)
+    # a row of text alone: that rank has no box loss in its step and must still join the average
+    text_only = json.dumps(helpers.conversation(None, "Count.", " ".join(["one"] * 60)))
+    data.write_text(data.read_text() + text_only + "\n")
     torch.set_num_threads(1)
     cfg = TrainConfig(model=str(tiny_ckpt), data=str(data), output=str(tmp_path / "one"),
                       grad_accum=2, box_regression=1.0, **OPTIONS)  # fmt: skip
