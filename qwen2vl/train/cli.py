@@ -104,7 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--box-regression-layer",
         type=int,
         default=S,
-        help="the layer whose output the head reads (default: the third from last)",
+        help="the layer whose output the head reads (default: the third from last; the first in "
+        "a model of under 3 layers)",
     )
 
 
