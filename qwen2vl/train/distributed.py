@@ -94,6 +94,15 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_any(mask: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """A bool tensor, true where it is true on any process."""
+    if not env.distributed:
+        return mask
+    t = mask.to(device=env.device, dtype=torch.uint8)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.to(device=mask.device, dtype=torch.bool)
+
+
 def average_grads(params: Iterable[torch.Tensor], env: DistEnv) -> None:
     """Averages the gradients of parameters outside the wrapped model over the ranks (what DDP
     does for the model's own). A missing gradient counts as zeros, with one process too: a rank

@@ -52,7 +52,7 @@ from qwen2vl.train.packing import (
     target_positions,
 )
 from qwen2vl.train.stages import TrainableReport, configure_trainable
-from qwen2vl.train.vocab import lumped_loss_sum, scored_rows, zero_rows
+from qwen2vl.train.vocab import LiveRows, lumped_loss_sum, zero_rows
 from qwen2vl.weights import load_model
 
 log = logging.getLogger("qwen2vl.train")
@@ -134,6 +134,7 @@ class Trainer:
                 self.tokenizer = Tokenizer.from_dir(cfg.model or None)
         self.box = self._box_attention()
         self.regress, self.regress_optimizer = self._box_regression()
+        self.live = LiveRows(self.net.lm_head.weight) if cfg.lump_zero_rows else None
         self.engine = D.wrap(self.net, env, cfg.strategy)
         self.optimizer = build_optimizer(
             self.engine, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas
@@ -344,6 +345,8 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.live is not None:
+            self.live.update(self.net.lm_head.weight, env)
         if self.regress is not None:  # its own optimizer: the model's stays as saved and resumed
             D.average_grads(self.regress.parameters(), env)
             set_lr(self.regress_optimizer, lr)
@@ -394,8 +397,8 @@ class Trainer:
             keep = target_positions(batch.targets)
             inputs = batch.model_inputs(device)
             rows = None
-            if self.cfg.lump_zero_rows:
-                rows = scored_rows(self.net.lm_head.weight, inputs["input_ids"])
+            if self.live is not None:
+                rows = self.live.rows(inputs["input_ids"])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
                 logits = self.engine(**inputs, logits_to_keep=keep, vocab_rows=rows).logits
             if rows is None:

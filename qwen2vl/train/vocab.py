@@ -30,6 +30,7 @@ from qwen2vl.chat import render_ids
 from qwen2vl.errors import Qwen2VLError
 from qwen2vl.processor import Processor
 from qwen2vl.train.data import parse_line, read_jsonl
+from qwen2vl.train.distributed import DistEnv, all_reduce_any
 
 
 def zero_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -39,11 +40,38 @@ def zero_rows(weight: torch.Tensor) -> torch.Tensor:
 
 def scored_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Sorted ids of the rows scored one by one: those not all zero, and the batch's `ids`
-    (the targets among them), zero or not. Recomputed every step, so a row that has started to
-    train is never lumped again, on every process."""
+    (the targets among them), zero or not."""
     live = ~zero_rows(weight)
     live[ids.flatten().to(live.device)] = True
     return live.nonzero().squeeze(1)
+
+
+class LiveRows:
+    """`scored_rows` for a run's steps without re-reading the [V, E] table each step (which
+    cost ~5 % of a step of the default model, measured). A row can leave zero only in a step whose
+    batch holds its token, so after each step (`update`) only the rows of that step's batches
+    are read, and the processes merge what they found."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.mask = ~zero_rows(weight)
+        self.pending: list[torch.Tensor] = []
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The sorted rows to score for a batch of `ids`: the rows not zero, and `ids`."""
+        ids = ids.flatten().to(self.mask.device)
+        self.pending.append(ids)
+        live = self.mask.clone()
+        live[ids] = True
+        return live.nonzero().squeeze(1)
+
+    def update(self, weight: torch.Tensor, env: DistEnv) -> None:
+        """After an optimizer step: mark the rows of this step's batches that are no longer zero,
+        here or (`weight` being the same on every process) on any process."""
+        if self.pending:
+            ids = torch.cat(self.pending).unique()
+            self.mask[ids] |= ~zero_rows(weight[ids.to(weight.device)]).to(self.mask.device)
+            self.pending = []
+        self.mask = all_reduce_any(self.mask, env)
 
 
 def lumped_loss_sum(

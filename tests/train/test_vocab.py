@@ -15,7 +15,7 @@ from qwen2vl.train import distributed as D
 from qwen2vl.train.init import init_model, write_initial
 from qwen2vl.train.loop import Trainer
 from qwen2vl.train.packing import collate, loss_sum, target_positions
-from qwen2vl.train.vocab import data_token_ids, lumped_loss_sum, scored_rows
+from qwen2vl.train.vocab import LiveRows, data_token_ids, lumped_loss_sum, scored_rows
 
 
 def used_ids(samples) -> set[int]:
@@ -90,6 +90,20 @@ def test_rows_that_have_trained_or_occur_in_the_batch_are_scored():
     got = lumped_loss_sum(logits, torch.tensor([0, 2]), every, 3)
     want = torch.nn.functional.cross_entropy(logits[0], torch.tensor([0, 2]), reduction="sum")
     torch.testing.assert_close(got, want)
+
+
+def test_live_rows_score_what_re_reading_the_table_would():
+    weight = torch.zeros(10, 3)
+    weight[[2, 7]] = 1.0
+    live = LiveRows(weight)
+    batches = [torch.tensor([[7, 4, 4]]), torch.tensor([[1, 8]])]  # one step's two rows
+    for ids in batches:
+        assert live.rows(ids).tolist() == scored_rows(weight, ids).tolist()
+    weight[4] = 0.5  # the step moved row 4; rows 1 and 8 took no step (still zero)
+    live.update(weight, D.DistEnv())
+    for ids in (torch.tensor([[3]]), torch.tensor([[8]])):
+        assert live.rows(ids).tolist() == scored_rows(weight, ids).tolist()
+    assert live.rows(torch.tensor([[3]])).tolist() == [2, 3, 4, 7]
 
 
 def test_training_with_lumped_rows_learns_and_leaves_unused_rows_at_zero(tiny64, tmp_path):
