@@ -63,7 +63,7 @@ class Qwen2VL(nn.Module):
         rows (ids [K] sorted, their embedding rows [K, E]) is a slice of the table to read from
         when it holds every one of input_ids (else the whole table is read)."""
         x = None
-        if rows is not None:
+        if rows is not None and len(rows[0]):
             ids, table = rows
             local = torch.searchsorted(ids, input_ids).clamp(max=len(ids) - 1)
             if bool((ids[local] == input_ids).all()):

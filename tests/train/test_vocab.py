@@ -92,6 +92,20 @@ def test_rows_that_have_trained_or_occur_in_the_batch_are_scored():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_of_some_rows_equal_those_columns_of_the_full_logits(tiny64, tie):
+    """Tied, the input embedding reads the rows gathered for the logits when they hold every
+    input id, and the whole table when they do not (or when there are none)."""
+    model = model64(tiny64, tie).eval()
+    inputs = collate(tiny64.samples(2), model.cfg).model_inputs()
+    with torch.no_grad():
+        full = model(**inputs).logits
+        every = torch.unique(inputs["input_ids"])
+        for rows in (every, every[1:], torch.tensor([3, 9]), every[:0]):
+            got = model(**inputs, vocab_rows=rows).logits
+            torch.testing.assert_close(got, full[..., rows], rtol=1e-5, atol=1e-5)
+
+
 def test_live_rows_score_what_re_reading_the_table_would():
     weight = torch.zeros(10, 3)
     weight[[2, 7]] = 1.0
