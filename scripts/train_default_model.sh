@@ -33,7 +33,7 @@ run $PY -m qwen2vl.synth --out "$B/data/stage1" --seed 101 --n "$(n 300)"
 run $PY -m qwen2vl.synth --out "$B/data/stage2" --seed 102 --n "$(n 1000)"
 # stage 3: grounding questions from the same stage-2 checkpoint (1,000 held out each): 20,000
 # -> 56.4 %, 34,000 -> 67.9 % (74.7 with box regression), 42,000 -> 76.1, 50,000 -> 83.6
-# (measured at 1 thread); the time comes from faster lumped steps (train/vocab.py LiveRows)
+# (the last two at 1 thread); the time comes from faster lumped steps (train/vocab.py LiveRows)
 run $PY -m qwen2vl.synth --out "$B/data/stage3" --seed 103 --n "$(n 2500)" \
     --n-task grounding="$(n 50000)" ocr="$(n 6500)" count="$(n 13000)" \
     shape="$(n 8000)" video_direction="$(n 1000)" compare="$(n 2000)"

@@ -40,10 +40,8 @@ def zero_rows(weight: torch.Tensor) -> torch.Tensor:
 
 def scored_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Sorted ids of the rows scored one by one: those not all zero, and the batch's `ids`
-    (the targets among them), zero or not."""
-    live = ~zero_rows(weight)
-    live[ids.flatten().to(live.device)] = True
-    return live.nonzero().squeeze(1)
+    (the targets among them), zero or not. A run keeps a `LiveRows` instead."""
+    return LiveRows(weight).rows(ids)
 
 
 class LiveRows:
