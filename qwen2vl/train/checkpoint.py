@@ -11,7 +11,9 @@
 
 No pickle anywhere: tensors go to safetensors and everything else to JSON. A checkpoint is built
 in OUT/.partial/ and renamed into place only when complete, so a process killed mid-save leaves
-the previous checkpoints as they were; trainer_state.json is written last inside it.
+the previous checkpoints as they were; trainer_state.json is written last inside it. Old
+checkpoints leave the same way: renamed into OUT/.partial/ first, deleted there after, so no
+checkpoint-STEP directory ever holds trainer_state.json without its weights.
 
 Resuming rebuilds the model from the source checkpoint (frozen weights, exact), applies the same
 stage and LoRA, then loads trainer/trainable.safetensors; the HF weights are for users.
@@ -24,11 +26,13 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qwen2vl.config import Qwen2VLConfig
@@ -55,6 +59,10 @@ PROCESSOR_FILES = (
     "generation_config.json",
 )
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
+_RESUME_FIX = (
+    "resume from another checkpoint-STEP directory, or with --resume auto for the newest "
+    "complete one (move this directory out of the output directory if auto chose it)"
+)
 
 
 @dataclass
@@ -141,31 +149,63 @@ def _publish(partial: Path, path: Path) -> None:
         if f.is_file():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
-    if path.exists():
-        old = path.parent / PARTIAL / f"{path.name}.old"
+    old = _move_aside(path, ".old") if path.exists() else None
+    os.replace(partial, path)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(partial, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, path)
-    with contextlib.suppress(OSError):  # leave no empty .partial behind
-        partial.parent.rmdir()
+    _remove_empty_partial(path.parent)
+
+
+def _move_aside(path: Path, suffix: str) -> Path:
+    """Rename a checkpoint into OUT/.partial/ in one atomic step: from here on it is not listed,
+    and clean_partial removes it if we are killed before it is deleted."""
+    aside = path.parent / PARTIAL / f"{path.name}{suffix}"
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.parent.mkdir(exist_ok=True)
+    os.replace(path, aside)
+    return aside
+
+
+def _remove_empty_partial(output: Path) -> None:
+    with contextlib.suppress(OSError):
+        (output / PARTIAL).rmdir()
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
+    """A complete checkpoint; CheckpointError names what is missing or broken and what to do."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory; {_RESUME_FIX}")
     if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"{path}: not a complete training checkpoint (no {STATE_FILE})")
-    state = json.loads((path / STATE_FILE).read_text())
-    trainer = path / "trainer"
-    try:
-        trainable = load_file(str(trainer / "trainable.safetensors"))
-        tensors = load_file(str(trainer / "optimizer.safetensors"))
-        meta = json.loads((trainer / "optimizer.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable trainer state ({e})") from e
+        raise _incomplete(
+            path, f"it has no {STATE_FILE} (its save never finished, or it was pruned)"
+        )
+    state = _read_part(path, STATE_FILE, _read_json_object)
+    trainable = _read_part(path, "trainer/trainable.safetensors", load_file)
+    tensors = _read_part(path, "trainer/optimizer.safetensors", load_file)
+    meta = _read_part(path, "trainer/optimizer.json", _read_json_object)
     return Checkpoint(path, state, trainable, unflatten_optimizer_state(tensors, meta))
+
+
+def _read_part(path: Path, name: str, read: Callable[[str], Any]) -> Any:
+    file = path / name
+    if not file.is_file():
+        raise _incomplete(path, f"{name} is missing")
+    try:
+        return read(str(file))
+    except (OSError, ValueError, SafetensorError) as e:  # JSONDecodeError is a ValueError
+        raise _incomplete(path, f"{name} is unreadable ({e})") from e
+
+
+def _read_json_object(file: str) -> dict[str, Any]:
+    value = json.loads(Path(file).read_text())
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON object was expected, not {type(value).__name__}")
+    return value
+
+
+def _incomplete(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a complete training checkpoint: {what}; {_RESUME_FIX}")
 
 
 def flatten_optimizer_state(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -211,12 +251,14 @@ def checkpoints(output: str | Path) -> list[Path]:
 
 
 def prune_checkpoints(output: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints; a kill at any instant is safe (_move_aside)."""
     for old in checkpoints(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(_move_aside(old, ".pruned"), ignore_errors=True)
+    _remove_empty_partial(Path(output))
 
 
 def clean_partial(output: str | Path) -> None:
-    """Remove what a killed save left behind."""
+    """Remove what a killed save or prune left behind."""
     shutil.rmtree(Path(output) / PARTIAL, ignore_errors=True)
 
 

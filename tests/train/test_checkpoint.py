@@ -10,14 +10,19 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import qwen2vl
 from qwen2vl.errors import CheckpointError
 from qwen2vl.train import SampleList, TrainConfig, train
 from qwen2vl.train.checkpoint import (
+    STATE_FILE,
+    checkpoints,
+    clean_partial,
     flatten_optimizer_state,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     unflatten_optimizer_state,
 )
 from qwen2vl.train.metrics import read_metrics
@@ -163,3 +168,119 @@ def test_only_the_newest_checkpoints_are_kept(tiny64, tmp_path):
     train(cfg, model=tiny64.model(), data=SampleList(tiny64.samples(2)))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+
+
+def write_trainer_files(path, step):
+    """The files load_checkpoint reads (no HF model): enough to list, prune and load."""
+    (path / "trainer").mkdir(parents=True)
+    save_file({"w": torch.full((2,), float(step))}, str(path / "trainer" / "trainable.safetensors"))
+    optim = {"state": {"w": {"exp_avg": torch.zeros(2)}}, "param_groups": [{"params": ["w"]}]}
+    tensors, meta = flatten_optimizer_state(optim)
+    save_file(tensors, str(path / "trainer" / "optimizer.safetensors"))
+    (path / "trainer" / "optimizer.json").write_text(json.dumps(meta))
+    (path / STATE_FILE).write_text(json.dumps({"step": step}))
+    return path
+
+
+class Killed(BaseException):
+    """The trainer dying mid-prune; a BaseException so that no `except Exception` swallows it."""
+
+
+def kill_while_deleting(monkeypatch):
+    """shutil.rmtree that removes a checkpoint's weights, then dies with the marker still there:
+    the worst instant to be killed while a directory is being deleted."""
+
+    def rmtree(path, *args, **kwargs):
+        weights = path / "trainer" / "trainable.safetensors"
+        if weights.exists():
+            weights.unlink()
+            raise Killed
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+
+
+@pytest.fixture
+def four_checkpoints(tmp_path):
+    for step in range(1, 5):
+        write_trainer_files(tmp_path / f"checkpoint-{step}", step)
+    return tmp_path
+
+
+def test_a_killed_prune_lists_no_checkpoint_without_weights(four_checkpoints, monkeypatch):
+    out = four_checkpoints
+    kill_while_deleting(monkeypatch)
+    with pytest.raises(Killed):
+        prune_checkpoints(out, keep=2)
+    monkeypatch.undo()
+    assert [d.name for d in checkpoints(out)] == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert all((d / "trainer" / "trainable.safetensors").is_file() for d in checkpoints(out))
+    assert [p.name for p in (out / ".partial").iterdir()] == ["checkpoint-1.pruned"]
+    clean_partial(out)  # what the next run does first
+    assert not (out / ".partial").exists()
+
+
+def test_resume_auto_never_picks_a_checkpoint_a_killed_prune_left_behind(
+    four_checkpoints, monkeypatch
+):
+    """Falling back by moving the newest away (as the error message advises) reaches only
+    checkpoints that load."""
+    out = four_checkpoints
+    kill_while_deleting(monkeypatch)
+    with pytest.raises(Killed):
+        prune_checkpoints(out, keep=2)
+    monkeypatch.undo()
+    while (latest := latest_checkpoint(out)) is not None:
+        assert load_checkpoint(latest).state["step"] == int(latest.name.split("-")[1])
+        shutil.rmtree(latest)
+
+
+def test_an_uninterrupted_prune_leaves_no_partial_directory(four_checkpoints):
+    prune_checkpoints(four_checkpoints, keep=2)
+    assert [d.name for d in checkpoints(four_checkpoints)] == ["checkpoint-3", "checkpoint-4"]
+    assert not (four_checkpoints / ".partial").exists()
+
+
+def _no_marker(path):
+    (path / STATE_FILE).unlink()
+
+
+def _no_weights(path):
+    (path / "trainer" / "trainable.safetensors").unlink()
+
+
+def _broken_marker(path):
+    (path / STATE_FILE).write_text('{"step": 2,')
+
+
+def _truncated_optimizer(path):
+    (path / "trainer" / "optimizer.safetensors").write_bytes(b"\x08\x00")
+
+
+@pytest.mark.parametrize(
+    ("damage", "what"),
+    [
+        (_no_marker, f"no {STATE_FILE}"),
+        (_no_weights, "trainer/trainable.safetensors is missing"),
+        (_broken_marker, f"{STATE_FILE} is unreadable"),
+        (_truncated_optimizer, "trainer/optimizer.safetensors is unreadable"),
+    ],
+)
+def test_loading_an_incomplete_checkpoint_names_the_problem_and_the_fix(tmp_path, damage, what):
+    path = write_trainer_files(tmp_path / "checkpoint-2", 2)
+    damage(path)
+    with pytest.raises(CheckpointError, match="not a complete training checkpoint") as err:
+        load_checkpoint(path)
+    assert what in str(err.value) and "--resume auto" in str(err.value)
+
+
+def test_loading_a_missing_directory_says_it_does_not_exist(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory.*--resume auto"):
+        load_checkpoint(tmp_path / "checkpoint-9")
+
+
+def test_resume_from_an_explicit_incomplete_checkpoint_refuses_to_start(tiny64, tmp_path):
+    path = write_trainer_files(tmp_path / "checkpoint-2", 2)
+    _no_weights(path)
+    cfg = TrainConfig(output=str(tmp_path / "out"), max_steps=1, resume=str(path))
+    with pytest.raises(CheckpointError, match="trainable.safetensors is missing"):
+        train(cfg, model=tiny64.model(), data=SampleList(tiny64.samples(2)))
