@@ -6,11 +6,26 @@ The order follows transformers' logits processors so seeded sampling is comparab
 
 from __future__ import annotations
 
+import math
+import numbers
+import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from qwen2vl.errors import Qwen2VLError
+from qwen2vl.errors import SamplingError
+
+# Dividing float32 logits by a colder temperature overflows them to inf (NaN after softmax);
+# sampling that cold already is greedy, so it becomes greedy.
+MIN_TEMPERATURE = 1e-5
+# The penalty scales a seen token's logit; 100x already decides any realistic choice, and with
+# MIN_TEMPERATURE it keeps logits up to 1e31 finite. 1.0 = off.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+# torch.Generator.manual_seed takes [-2**63, 2**64), a negative seed meaning seed + 2**64: we take
+# each stream's one non-negative name, so 2**64 is our error, not a crash when the stream starts.
+SEED_LIMIT = 2**64
 
 
 @dataclass
@@ -26,18 +41,65 @@ class SamplingParams:
     logprobs: bool = False
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise Qwen2VLError(f"{message} (got {self!r})")
+        """Raises SamplingError naming the first bad field; a temperature under
+        MIN_TEMPERATURE becomes 0 (greedy)."""
+        self.max_new_tokens = _integer(
+            "max_new_tokens", self.max_new_tokens, lambda v: v >= 1, ">= 1"
+        )
+        self.temperature = _real("temperature", self.temperature, lambda v: v >= 0, ">= 0")
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
+        self.top_p = _real("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+        self.top_k = _integer("top_k", self.top_k, lambda v: v >= 0, ">= 0 (0 = off)")
+        self.repetition_penalty = _real(
+            "repetition_penalty",
+            self.repetition_penalty,
+            lambda v: MIN_REPETITION_PENALTY <= v <= MAX_REPETITION_PENALTY,
+            f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}] (1 = off)",
+        )
+        if self.seed is not None:
+            self.seed = _integer("seed", self.seed, lambda v: 0 <= v < SEED_LIMIT, "in [0, 2**64)")
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = _token_ids("stop_token_ids", self.stop_token_ids)
+        if not isinstance(self.logprobs, bool):
+            raise SamplingError(
+                f"logprobs must be true or false, got {_show(self.logprobs)}", param="logprobs"
+            )
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+
+
+def _show(value: object) -> str:
+    return reprlib.repr(value)  # bounded: the value may come from a client
+
+
+def _integer(name: str, value: object, ok: Callable[[int], bool], rule: str) -> int:
+    # bool is an int subclass, but `top_k: true` is a client mistake, not 1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SamplingError(f"{name} must be an integer, got {_show(value)}", param=name)
+    if not ok(int(value)):
+        raise SamplingError(f"{name} must be {rule}, got {_show(value)}", param=name)
+    return int(value)
+
+
+def _real(name: str, value: object, ok: Callable[[float], bool], rule: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SamplingError(f"{name} must be a number, got {_show(value)}", param=name)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise SamplingError(f"{name} must be finite, got {_show(value)}", param=name)
+    if not ok(number):
+        raise SamplingError(f"{name} must be {rule}, got {_show(value)}", param=name)
+    return number
+
+
+def _token_ids(name: str, value: object) -> list[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise SamplingError(f"{name} must be a list of token ids, got {_show(value)}", param=name)
+    return [_integer(name, t, lambda v: v >= 0, "token ids >= 0") for t in value]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float):

@@ -10,7 +10,8 @@ Each scheduler iteration (``step``) does, in order:
    slot of the ``SlotCache`` and joins the batch, and what is left of the budget goes to the
    next waiting request (so a burst of short prompts is admitted in one step);
 3. one decode step for every running sequence: each picks a token from its pending logits and
-   reports it; finished rows leave; the rest are fed together (B = running rows).
+   reports it; finished rows leave; the rest are fed together (B = running rows). A row that
+   cannot pick (non-finite logits, a failing pick) ends alone with "error".
 So new requests delay the running streams by at most one chunk of prefill per token.
 
 Decode positions follow generation/generate.py: the n-th real token of a sequence sits at
@@ -33,7 +34,7 @@ from qwen2vl.generation.kv_cache import KVCache
 from qwen2vl.model.qwen2vl import Qwen2VL
 from qwen2vl.processor import Processor
 from qwen2vl.serve.metrics import Metrics
-from qwen2vl.serve.sequence import Event, Request, Sequence, TokenLogprob
+from qwen2vl.serve.sequence import Event, NonFiniteLogits, Request, Sequence, TokenLogprob
 from qwen2vl.serve.slots import SlotCache
 
 logger = logging.getLogger(__name__)
@@ -331,24 +332,50 @@ class Engine:
         n = len(self.rows)
         logits = self.next_logits[:n]  # [n, V]
         greedy = logits.argmax(-1).tolist()
+        finite = torch.isfinite(logits).all(-1).tolist()  # per row: one bad row ends alone
         logp = logits.log_softmax(-1) if any(s.params.logprobs for s in self.rows) else None
-        ended = []
+        ended, failed = [], []
         for row, seq in enumerate(self.rows):
-            token = seq.choose(logits[row], greedy[row])
-            lp = None
-            if seq.params.logprobs:
-                lp = _token_logprob(logp[row], token, seq.request.top_logprobs)
-            reason = seq.emit_token(token, lp)
-            if seq.generated == 1:
-                self.metrics.first_token(seq.first_token_at - seq.submitted)
+            try:
+                if not finite[row]:
+                    raise NonFiniteLogits("non-finite logits while sampling")
+                reason = self._next_token(seq, logits, greedy, logp)
+            except Exception as e:  # a bad sequence must not take the others down
+                failed.append((seq, _why_failed(seq, e)))
+                continue
             if reason is not None:
                 ended.append((seq, reason))
-        self.metrics.generated(n)
+        self.metrics.generated(n - len(failed))
+        for seq, message in failed:
+            self._scrub(seq)
+            self._release(seq)
+            self._end(seq, "error", message)
         for seq, reason in ended:
             self._release(seq)
             self._end(seq, reason)
         if self.rows:
             self._feed()
+
+    def _next_token(
+        self, seq: Sequence, logits: torch.Tensor, greedy: list[int], logp: torch.Tensor | None
+    ) -> str | None:
+        """Pick and report ``seq``'s next token from its row of the batch's logits [n, V],
+        argmaxes and log-probabilities; returns its finish reason, if any."""
+        token = seq.choose(logits[seq.row], greedy[seq.row])
+        lp = None
+        if seq.params.logprobs:
+            lp = _token_logprob(logp[seq.row], token, seq.request.top_logprobs)
+        reason = seq.emit_token(token, lp)
+        if seq.generated == 1:
+            self.metrics.first_token(seq.first_token_at - seq.submitted)
+        return reason
+
+    def _scrub(self, seq: Sequence) -> None:
+        """Zero a failed row's keys/values: NaN there would outlive it, since masked columns
+        still multiply their values (0 * NaN = NaN) and _release copies over only the columns
+        the row moved into it owns."""
+        self.cache.k[:, seq.row].zero_()
+        self.cache.v[:, seq.row].zero_()
 
     def _feed(self) -> None:
         n = len(self.rows)
@@ -374,6 +401,15 @@ def _token_logprob(logp: torch.Tensor, token: int, top: int) -> TokenLogprob:
         values, ids = logp.topk(top)
         out.top = list(zip(ids.tolist(), values.tolist(), strict=True))
     return out
+
+
+def _why_failed(seq: Sequence, error: Exception) -> str:
+    """The client's message; the log keeps the traceback of anything but bad numbers."""
+    if isinstance(error, NonFiniteLogits):
+        logger.warning("request %d: %s", seq.id, error)
+        return str(error)
+    logger.exception("sampling failed for request %d", seq.id)
+    return f"sampling failed: {error}"
 
 
 def _why_dropped(seq: Sequence) -> tuple[str, str]:

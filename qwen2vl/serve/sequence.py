@@ -64,6 +64,10 @@ Event = Delta | Finish
 _ids = itertools.count()
 
 
+class NonFiniteLogits(Exception):
+    """A row's logits or probabilities hold inf/NaN: its sequence cannot pick a token."""
+
+
 class Sequence:
     """Per-request state. ``cancelled`` may be set from any thread; the rest is the engine's."""
 
@@ -112,15 +116,19 @@ class Sequence:
     # ---- one token -------------------------------------------------------------------------
 
     def choose(self, logits: torch.Tensor, greedy_token: int) -> int:
-        """The next token from this row's logits [V] (float32); greedy_token is their argmax."""
+        """The next token from this row's logits [V] (float32, finite: the engine checks the
+        batch); greedy_token is their argmax. Raises NonFiniteLogits when the penalty or the
+        temperature made them inf/NaN (multinomial on NaN is a device assert on CUDA)."""
         p = self.params
         if self.seen is not None:
             penalty = p.repetition_penalty
             logits = apply_repetition_penalty(logits[None], self.seen[None], penalty)[0]
+            _require_finite(logits, "logits")
             greedy_token = int(logits.argmax())
         probs = None
         if p.temperature > 0:
             probs = top_k_top_p(logits[None] / p.temperature, p.top_k, p.top_p).softmax(-1)[0]
+            _require_finite(probs, "probabilities")
         if self.json is not None:
             budget = p.max_new_tokens - self.generated
             token = self.json.pick(logits, probs, self.rng, budget=budget)
@@ -160,3 +168,8 @@ class Sequence:
             return
         self.finished = True
         self.on_event(Finish(reason, self.prompt_tokens, self.generated, message))
+
+
+def _require_finite(values: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteLogits(f"non-finite {what} while sampling")

@@ -182,3 +182,77 @@ def test_a_failing_prefill_fails_only_its_request(pipe):
     run_until_done(engine, [good, bad])
     assert bad.finish.reason == "error" and good.finish.reason == "length"
     assert torch.isfinite(engine.next_logits).all()
+
+
+HEALTHY = [
+    ([{"role": "user", "content": "Short"}], dict(max_new_tokens=12)),
+    ([{"role": "user", "content": "Hello"}], dict(max_new_tokens=10, temperature=0.8, seed=5)),
+    ([{"role": "user", "content": "Another"}], dict(max_new_tokens=8, repetition_penalty=1.3)),
+]
+
+
+def alone(pipe, messages, **sampling) -> Collected:
+    engine = engine_for(pipe, max_num_seqs=4, max_model_len=256)
+    out = submit(engine, pipe, messages, **sampling)
+    run_until_done(engine, [out])
+    return out
+
+
+def start_beside_healthy(pipe, messages, **sampling):
+    """An engine running one request beside HEALTHY, all of them past their first token."""
+    engine = engine_for(pipe, max_num_seqs=4, max_model_len=256)
+    poisoned = submit(engine, pipe, messages, **sampling)
+    outs = [submit(engine, pipe, m, **s) for m, s in HEALTHY]
+    engine.step()
+    engine.step()
+    assert all(out.tokens for out in [poisoned, *outs])
+    seq = next(s for s in engine.rows if s.on_event is poisoned)
+    return engine, seq, poisoned, outs
+
+
+def assert_ends_alone(pipe, engine, poisoned, outs, message="non-finite"):
+    run_until_done(engine, [poisoned, *outs])
+    assert poisoned.finish.reason == "error" and message in poisoned.finish.message
+    for (messages, sampling), out in zip(HEALTHY, outs, strict=True):
+        ref = alone(pipe, messages, **sampling)
+        assert out.tokens == ref.tokens and out.text == ref.text, sampling
+        assert out.finish.reason == ref.finish.reason != "error"
+    assert engine.stats() == {"waiting": 0, "running": 0, "free_slots": 4, "encoder_cache_items": 0}
+    assert engine.metrics.requests["error"] == 1
+
+
+def test_a_request_whose_sampling_goes_non_finite_ends_alone(pipe):
+    messages = [{"role": "user", "content": "x"}]
+    engine, seq, poisoned, outs = start_beside_healthy(
+        pipe, messages, max_new_tokens=20, temperature=0.7
+    )
+    # Past validation: dividing the logits by it overflows them to inf, the softmax to NaN.
+    seq.params.temperature = 1e-300
+    assert_ends_alone(pipe, engine, poisoned, outs)
+
+
+def test_a_request_whose_pick_raises_ends_alone(pipe):
+    messages = [{"role": "user", "content": "x"}]
+    engine, seq, poisoned, outs = start_beside_healthy(pipe, messages, max_new_tokens=20)
+
+    def broken(logits, greedy_token):
+        raise RuntimeError("boom")
+
+    seq.choose = broken
+    assert_ends_alone(pipe, engine, poisoned, outs, message="sampling failed: boom")
+
+
+def test_a_request_whose_model_output_goes_nan_ends_alone_and_leaves_no_nan(pipe):
+    # The longest prompt holds the earliest columns: the row moved into its slot when it ends
+    # keeps the NaN ones it does not own, masked, until a longer prompt widens the window.
+    messages = [{"role": "user", "content": "long " * 30}]
+    engine, seq, poisoned, outs = start_beside_healthy(pipe, messages, max_new_tokens=20)
+    cache = engine.cache
+    assert seq.row != cache.n - 1 and cache.start[seq.row] == min(cache.start[: cache.n])
+    cache.v[:, seq.row, :, cache.start[seq.row] : cache.col] = float("nan")  # a bf16 overflow
+    run_until_done(engine, [poisoned])
+    late_messages = [{"role": "user", "content": "longer " * 60}]
+    late = submit(engine, pipe, late_messages, max_new_tokens=6)
+    run_until_done(engine, [late, *outs])
+    assert_ends_alone(pipe, engine, poisoned, outs)
+    assert late.tokens == alone(pipe, late_messages, max_new_tokens=6).tokens
