@@ -271,6 +271,7 @@ def _chat_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from qwen2vl import media
     from qwen2vl.generation.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(
@@ -278,7 +279,9 @@ def _chat(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         quantize=args.quantize,
         progress=_progress_bar("loading weights"),
-        allow_remote=args.allow_remote_media,
+        access=media.MediaAccess(
+            allow_remote=args.allow_remote_media, how_to_allow_remote="pass --allow-remote-media"
+        ),
     )
     sampling = dict(
         max_new_tokens=args.max_new_tokens,

@@ -8,7 +8,6 @@ left-padded into one batch. ``plan`` runs the same path on metadata only (no pix
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ import torch
 
 from qwen2vl.chat import load_chat_template, render, render_ids
 from qwen2vl.errors import MessageError
-from qwen2vl.media import MediaConfig, load_media_config, plan_part, process_part
+from qwen2vl.media import MediaAccess, MediaConfig, load_media_config, plan_part, process_part
+from qwen2vl.media.source import DEFAULT_ACCESS
 from qwen2vl.tokenizer import Tokenizer
 
 Messages = Sequence[Mapping[str, Any]]
@@ -65,15 +65,13 @@ class Processor:
         media: MediaConfig | None = None,
         chat_template: str | None = None,
         *,
-        allow_remote: bool = False,
-        allowed_local_dir: str | os.PathLike | None = None,
+        access: MediaAccess = DEFAULT_ACCESS,
         max_model_len: int | None = None,
     ):
         self.tokenizer = tokenizer
         self.media = media or MediaConfig()
         self.chat_template = chat_template
-        self.allow_remote = allow_remote
-        self.allowed_local_dir = allowed_local_dir
+        self.access = access  # where media may be read from (see media.MediaAccess)
         self.max_model_len = max_model_len
         self.pad_token_id = tokenizer.endoftext_id
 
@@ -122,13 +120,12 @@ class Processor:
         return Encoding(ids=out + ids[prev:], visuals=visuals)
 
     def _visual(self, kind: str, part: Mapping[str, Any], pixels: bool) -> VisualEncoding:
-        access = dict(allow_remote=self.allow_remote, allowed_local_dir=self.allowed_local_dir)
         merge2 = self.media.merge_size**2
         if not pixels:
-            plan = plan_part(dict(part), self.media, **access)
+            plan = plan_part(dict(part), self.media, self.access)
             grid = tuple(int(g) for g in plan.grid_thw)
             return VisualEncoding(kind, part, grid, _prod(grid) // merge2, plan)
-        result = process_part(dict(part), self.media, **access)
+        result = process_part(dict(part), self.media, self.access)
         pixel_values, grid_thw = result
         grid = tuple(int(g) for g in grid_thw)
         plan = getattr(result, "plan", None)

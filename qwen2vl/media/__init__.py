@@ -16,13 +16,14 @@ from qwen2vl.media.parts import plan_part, process_part
 from qwen2vl.media.patches import CLIP_MEAN, CLIP_STD
 from qwen2vl.media.resize import smart_resize
 from qwen2vl.media.sampling import VideoPlan
-from qwen2vl.media.source import load_image
+from qwen2vl.media.source import MediaAccess, load_image
 from qwen2vl.media.video import VideoInput, plan_video, process_video
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "ImagePlan",
+    "MediaAccess",
     "MediaConfig",
     "VideoInput",
     "VideoPlan",

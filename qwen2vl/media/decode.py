@@ -7,7 +7,9 @@ rounded), which is the i-th decoded frame for constant-rate video. To skip work 
 the decoder reads the keyframe positions from the packets first (demuxing, no decoding), then
 seeks straight to the keyframe before a wanted frame whenever that keyframe lies well beyond
 the current decode position, so it never decodes more than a sequential pass would. Only the
-wanted frames are kept, each resized as soon as it is decoded, so memory is bounded by the plan.
+wanted frames are kept, each converted (resized) as soon as it is decoded and released once
+converted; how many full-size frames wait for conversion follows a byte budget, so a tiny file
+that declares huge frames (a GIF's logical screen) cannot hold gigabytes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ logger = logging.getLogger(__name__)
 # Seek when the keyframe before a wanted frame lies more than this many frames past the decode
 # position. Measured on 720p mpeg4 (GOP 12, 2 cores): a seek costs less than decoding a frame.
 SEEK_MIN_SKIP = 1
+# Full-size frames alive at once (decoded, waiting, being converted, or held by the decoder's
+# threads) fit in this: 4K video keeps 4 in flight; frames over 4096 x 4096 go one at a time.
+FRAME_MEMORY_BUDGET = 512 * 1024 * 1024
+# What one full-size frame costs, measured on a GIF rendered at 6000 x 6000: the decoded frame
+# (4 bytes a pixel as BGRA) and, while converted, its rgb24 copy, PyAV's bytes copy of that and
+# the PIL RGB image (4 bytes a pixel).
+FRAME_BYTES_PER_PIXEL = 16
 
 
 @dataclass(frozen=True)
@@ -79,30 +88,52 @@ def decode_frames(
     with _open(data) as container:
         stream = container.streams.video[0]
         keyframes = _keyframe_indices(container, stream, fps)
-    # Conversion (colour conversion and resize, both GIL-free in C) overlaps decoding; the
-    # in-flight bound keeps at most a few full-size frames alive at once.
+    # Conversion (colour conversion and resize, both GIL-free in C) overlaps decoding.
     workers = max(1, min(4, os.cpu_count() or 1))
     futures: dict[int, Future] = {}
     in_flight: deque[Future] = deque()
     with _open(data) as container, ThreadPoolExecutor(workers) as pool:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        previous, future = None, None
+        frames_allowed = _frames_within_budget(stream.codec_context)
+        _set_decoder_threads(stream, frames_allowed)
+        # Counting the frame the decoder makes next, at most this many are alive at once.
+        max_in_flight = min(2 * workers, frames_allowed)
+        future = None
         for target, frame in _wanted_frames(container, stream, wanted, keyframes, fps):
-            if frame is not previous:
-                previous, future = frame, pool.submit(convert, frame)
+            if frame is not None:
+                future = pool.submit(convert, frame)
+                del frame  # the pool's reference is dropped once converted; keep none here
                 in_flight.append(future)
-                if len(in_flight) > 2 * workers:
+                while len(in_flight) >= max_in_flight:
                     in_flight.popleft().result()
             futures[target] = future
     return {target: future.result() for target, future in futures.items()}
 
 
+def _frames_within_budget(codec_context) -> int:
+    """How many full-size frames FRAME_MEMORY_BUDGET holds (at least 1), from the header size."""
+    frame_bytes = max(1, codec_context.width * codec_context.height) * FRAME_BYTES_PER_PIXEL
+    return max(1, FRAME_MEMORY_BUDGET // frame_bytes)
+
+
+def _set_decoder_threads(stream, frames_allowed: int) -> None:
+    # Frame threading keeps a frame per decoder thread; the automatic count (one per core, up
+    # to 16) is kept unless huge frames would make those frames alone exceed the budget.
+    stream.thread_type = "AUTO"
+    if frames_allowed < (os.cpu_count() or 1) + 1:
+        stream.codec_context.thread_count = frames_allowed
+
+
 def _wanted_frames(container, stream, wanted, keyframes, fps) -> Iterator[tuple[int, Any]]:
-    """(target, frame) for each wanted index: the first frame at or after it, else the last."""
+    """(target, frame) for each wanted index: the first frame at or after it, else the last.
+
+    frame is None when it is the one yielded before: no full-size frame stays referenced here
+    after it was handed out, so the caller alone decides how long it lives.
+    """
     frames: Iterator | None = None
-    last, last_idx = None, -1
+    last_idx, seen = -1, False
     for target in wanted:
+        fresh = None
         if last_idx < target:
             pos = bisect.bisect_right(keyframes, target) - 1
             key = keyframes[pos] if pos >= 0 else 0
@@ -110,13 +141,14 @@ def _wanted_frames(container, stream, wanted, keyframes, fps) -> Iterator[tuple[
                 frames = (
                     _seek(container, stream, key, fps) if key > 0 else _decode(container, stream)
                 )
-            for frame in frames:
-                last, last_idx = frame, _frame_index(frame, stream, fps, last_idx)
+            for fresh in frames:
+                last_idx, seen = _frame_index(fresh, stream, fps, last_idx), True
                 if last_idx >= target:
                     break
-        if last is None:
+        if not seen:
             raise MediaError("video stream holds no decodable frames")
-        yield target, last
+        yield target, fresh
+        fresh = None
 
 
 def _frame_index(frame, stream, fps: float, previous: int) -> int:

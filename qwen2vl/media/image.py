@@ -7,7 +7,6 @@ processor: bicubic PIL resize, rescale 1/255, CLIP mean/std, official patch orde
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +16,9 @@ from qwen2vl.errors import MediaError
 from qwen2vl.media.patches import CLIP_MEAN, CLIP_STD, normalize_table, patchify_image
 from qwen2vl.media.resize import resize_rgb, smart_resize
 from qwen2vl.media.source import (
-    MAX_IMAGE_PIXELS,
+    DEFAULT_ACCESS,
     ImageSource,
+    MediaAccess,
     decode_rgb,
     open_image,
     oriented_size,
@@ -54,9 +54,7 @@ def plan_image(
     resized_width: int | None = None,
     patch_size: int = 14,
     merge_size: int = 2,
-    allow_remote: bool = False,
-    allowed_local_dir: str | os.PathLike | None = None,
-    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    access: MediaAccess = DEFAULT_ACCESS,
 ) -> ImagePlan:
     """The resized size, patch grid and LLM token count of an image, without decoding it.
 
@@ -65,12 +63,7 @@ def plan_image(
     if isinstance(image, tuple):
         height, width = image
     else:
-        opened = open_image(
-            image,
-            allow_remote=allow_remote,
-            allowed_local_dir=allowed_local_dir,
-            max_image_pixels=max_image_pixels,
-        )
+        opened = open_image(image, access)
         try:
             height, width = oriented_size(opened)
         finally:
@@ -100,9 +93,7 @@ def process_image(
     temporal_patch_size: int = 2,
     image_mean: tuple[float, ...] = CLIP_MEAN,
     image_std: tuple[float, ...] = CLIP_STD,
-    allow_remote: bool = False,
-    allowed_local_dir: str | os.PathLike | None = None,
-    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    access: MediaAccess = DEFAULT_ACCESS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """An image -> (pixel_values [t*h*w, 3*Tp*P*P] float32, grid_thw LongTensor [3] = (1, h, w)).
 
@@ -117,12 +108,7 @@ def process_image(
         patch_size=patch_size,
         merge_size=merge_size,
     )
-    opened = open_image(
-        image,
-        allow_remote=allow_remote,
-        allowed_local_dir=allowed_local_dir,
-        max_image_pixels=max_image_pixels,
-    )
+    opened = open_image(image, access)
     rgb = None
     try:
         _plan_from_size(*oriented_size(opened), **sizing)  # refuse bad shapes before decoding

@@ -9,7 +9,6 @@ defaults; unknown keys are ignored with a warning, as qwen-vl-utils ignores them
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from qwen2vl.errors import MediaError
 from qwen2vl.media.config import MediaConfig
 from qwen2vl.media.image import ImagePlan, plan_image, process_image
 from qwen2vl.media.sampling import VideoPlan
+from qwen2vl.media.source import DEFAULT_ACCESS, MediaAccess
 from qwen2vl.media.video import VideoInput, plan_video, process_video
 
 logger = logging.getLogger(__name__)
@@ -45,31 +45,23 @@ def part_kind(part: dict[str, Any]) -> str:
 
 
 def process_part(
-    part: dict[str, Any],
-    config: MediaConfig | None = None,
-    *,
-    allow_remote: bool = False,
-    allowed_local_dir: str | os.PathLike | None = None,
+    part: dict[str, Any], config: MediaConfig | None = None, access: MediaAccess = DEFAULT_ACCESS
 ) -> tuple[torch.Tensor, torch.Tensor] | VideoInput:
     """`process_image` or `process_video` on a content part, its keys over the config defaults."""
     kind, source, kwargs = _call_args(part, config or MediaConfig())
     run = process_image if kind == "image" else process_video
-    return run(source, allow_remote=allow_remote, allowed_local_dir=allowed_local_dir, **kwargs)
+    return run(source, access=access, **kwargs)
 
 
 def plan_part(
-    part: dict[str, Any],
-    config: MediaConfig | None = None,
-    *,
-    allow_remote: bool = False,
-    allowed_local_dir: str | os.PathLike | None = None,
+    part: dict[str, Any], config: MediaConfig | None = None, access: MediaAccess = DEFAULT_ACCESS
 ) -> ImagePlan | VideoPlan:
     """`plan_image` or `plan_video` on a content part: sizes and tokens without pixels."""
     kind, source, kwargs = _call_args(part, config or MediaConfig())
     for name in ("image_mean", "image_std") + (("temporal_patch_size",) if kind == "image" else ()):
         kwargs.pop(name)
     run = plan_image if kind == "image" else plan_video
-    return run(source, allow_remote=allow_remote, allowed_local_dir=allowed_local_dir, **kwargs)
+    return run(source, access=access, **kwargs)
 
 
 def _call_args(part: dict[str, Any], config: MediaConfig) -> tuple[str, Any, dict[str, Any]]:

@@ -1,11 +1,11 @@
 """Videos to vision patches: plan from metadata, decode only the planned frames, patchify.
 
-A video is a container (path, file:// or data: URI, bytes, or http(s) with allow_remote) decoded
-with PyAV, or a list of frames (anything `load_image` takes) that counts as already sampled at
-`fps` frames per second, as qwen-vl-utils treats frame lists. Frame choice and size follow
-qwen-vl-utils (see `sampling.py`), with a hard cap of `max_tokens` LLM tokens per video. Each
-frame is resized like an image (bicubic PIL; qwen-vl-utils resizes video with torchvision's
-antialiased bicubic, so pixels can differ slightly from it, not sizes or indices).
+A video is a container (path, file:// or data: URI, bytes, or http(s) where MediaAccess
+allows) decoded with PyAV, or a list of frames (anything `load_image` takes) that counts as
+already sampled at `fps` frames per second, as qwen-vl-utils treats frame lists. Frame choice
+and size follow qwen-vl-utils (see `sampling.py`), with a hard cap of `max_tokens` LLM tokens
+per video. Each frame is resized like an image (bicubic PIL; qwen-vl-utils resizes video with
+torchvision's antialiased bicubic, so pixels can differ slightly from it, not sizes or indices).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from qwen2vl.errors import MediaError
 from qwen2vl.media.decode import decode_frames, probe_video
@@ -34,8 +35,10 @@ from qwen2vl.media.sampling import (
     plan_frames,
 )
 from qwen2vl.media.source import (
+    DEFAULT_ACCESS,
     MAX_REMOTE_VIDEO_BYTES,
     ImageSource,
+    MediaAccess,
     load_image,
     open_image,
     oriented_size,
@@ -82,15 +85,14 @@ def plan_video(
     patch_size: int = 14,
     merge_size: int = 2,
     temporal_patch_size: int = 2,
-    allow_remote: bool = False,
-    allowed_local_dir: str | os.PathLike | None = None,
+    access: MediaAccess = DEFAULT_ACCESS,
 ) -> VideoPlan:
     """Frame indices, timestamps, resized size, grid and token count, from metadata only.
 
     Takes the same arguments as `process_video` and returns the plan it would follow.
     """
     settings = _settings(locals())
-    plan, _ = _plan(video, settings, allow_remote, allowed_local_dir)
+    plan, _ = _plan(video, settings, access)
     return plan
 
 
@@ -114,8 +116,7 @@ def process_video(
     temporal_patch_size: int = 2,
     image_mean: tuple[float, ...] = CLIP_MEAN,
     image_std: tuple[float, ...] = CLIP_STD,
-    allow_remote: bool = False,
-    allowed_local_dir: str | os.PathLike | None = None,
+    access: MediaAccess = DEFAULT_ACCESS,
 ) -> VideoInput:
     """A video (container or frame list) -> VideoInput with patches, grid, timestamps and plan.
 
@@ -125,10 +126,10 @@ def process_video(
     max_tokens: hard cap on the video's LLM tokens (None: no cap).
     """
     settings = _settings(locals())
-    plan, data = _plan(video, settings, allow_remote, allowed_local_dir)
+    plan, data = _plan(video, settings, access)
     size = (plan.resized_height, plan.resized_width)
     if isinstance(data, list):
-        frames = _load_listed(data, plan.frame_indices, size, allow_remote, allowed_local_dir)
+        frames = _load_listed(data, plan.frame_indices, size, access)
     else:
         decoded = decode_frames(data, list(plan.frame_indices), plan.video_fps, _resizer(size))
         frames = [decoded[i] for i in plan.frame_indices]
@@ -157,16 +158,13 @@ _SETTING_NAMES = frozenset(f.name for f in fields(VideoSettings))
 
 
 def _plan(
-    video: VideoSource,
-    settings: VideoSettings,
-    allow_remote: bool,
-    allowed_local_dir: str | os.PathLike | None,
+    video: VideoSource, settings: VideoSettings, access: MediaAccess
 ) -> tuple[VideoPlan, Any]:
     """(plan, data): data is the frame list, or the container's checked path or bytes."""
     if isinstance(video, (list, tuple)):
         if not video:
             raise MediaError("the frame list is empty")
-        first = open_image(video[0], allow_remote=allow_remote, allowed_local_dir=allowed_local_dir)
+        first = open_image(video[0], access, max_pixels=access.max_frame_pixels)
         try:
             height, width = oriented_size(first)
         finally:
@@ -181,13 +179,14 @@ def _plan(
             presampled=True,
         )
         return plan, list(video)
-    data = read_source(
-        video,
-        allow_remote=allow_remote,
-        allowed_local_dir=allowed_local_dir,
-        max_remote_bytes=MAX_REMOTE_VIDEO_BYTES,
-    )
+    data = read_source(video, access, max_remote_bytes=MAX_REMOTE_VIDEO_BYTES)
     meta = probe_video(data)
+    if meta.width * meta.height > access.max_frame_pixels:
+        raise MediaError(
+            f"video frames of {meta.width}x{meta.height} (width x height) are over the limit of "
+            f"{access.max_frame_pixels} pixels; downscale the video first or raise the limit",
+            code="image_too_large",
+        )
     plan = plan_frames(
         height=meta.height,
         width=meta.width,
@@ -200,23 +199,18 @@ def _plan(
 
 def _resizer(size: tuple[int, int]):
     def convert(frame: Any) -> np.ndarray:  # av.VideoFrame -> [H, W, 3] uint8 at the plan size
-        return np.asarray(resize_rgb(frame.to_image(), *size))
+        # to_ndarray, not to_image: the same pixels without PyAV's extra copy of the frame
+        return np.asarray(resize_rgb(Image.fromarray(frame.to_ndarray(format="rgb24")), *size))
 
     return convert
 
 
 def _load_listed(
-    frames: list[ImageSource],
-    indices: tuple[int, ...],
-    size: tuple[int, int],
-    allow_remote: bool,
-    allowed_local_dir: str | os.PathLike | None,
+    frames: list[ImageSource], indices: tuple[int, ...], size: tuple[int, int], access: MediaAccess
 ) -> list[np.ndarray]:
     """The listed frames at `indices`, each loaded, resized to the plan size, loaded once."""
     loaded: dict[int, np.ndarray] = {}
     for i in dict.fromkeys(indices):
-        image = load_image(
-            frames[i], allow_remote=allow_remote, allowed_local_dir=allowed_local_dir
-        )
+        image = load_image(frames[i], access, max_pixels=access.max_frame_pixels)
         loaded[i] = np.asarray(resize_rgb(image, *size))
     return [loaded[i] for i in indices]

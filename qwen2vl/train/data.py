@@ -285,7 +285,7 @@ def _culprit(messages, processor: Processor) -> str:
     """Which media part of a conversation fails on its own (only run once encoding failed)."""
     for kind, part in visual_parts(messages):
         try:
-            process_part(dict(part), processor.media, allowed_local_dir=processor.allowed_local_dir)
+            process_part(dict(part), processor.media, processor.access)
         except Qwen2VLError:
             source = part.get(kind) or part.get(f"{kind}_url")
             return f"{kind} {str(source)[:200]!r}"
@@ -350,8 +350,7 @@ def processor_with(processor: Processor, max_pixels: int | None) -> Processor:
         processor.tokenizer,
         media,
         processor.chat_template,
-        allow_remote=processor.allow_remote,
-        allowed_local_dir=processor.allowed_local_dir,
+        access=processor.access,
         max_model_len=processor.max_model_len,
     )
 

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from qwen2vl.errors import MediaError
-from qwen2vl.media import load_image, plan_image, plan_video, process_image, process_video
+from qwen2vl.media import (
+    MediaAccess,
+    load_image,
+    plan_image,
+    plan_video,
+    process_image,
+    process_video,
+)
 from qwen2vl.media import video as video_module
 from qwen2vl.media.decode import VideoMeta
 
@@ -55,7 +62,7 @@ def test_zero_byte_corrupt_and_truncated_images(tmp_path):
 
 
 def test_missing_path_and_directory(tmp_path):
-    with pytest.raises(MediaError, match="cannot read media file"):
+    with pytest.raises(MediaError, match="does not exist"):
         load_image(tmp_path / "nope.png")
     with pytest.raises(MediaError, match="not a regular file"):
         load_image(tmp_path)
@@ -81,8 +88,8 @@ def test_decompression_bombs_are_refused_from_the_header():
         load_image(png_header_only(12000, 12000))  # over our bound, under Pillow's own
     with pytest.raises(MediaError, match="decompression bomb"):
         load_image(png_header_only(100000, 100000))  # Pillow's own guard, same error type
-    with pytest.raises(MediaError, match="max_image_pixels"):
-        load_image(Image.new("RGB", (100, 100)), max_image_pixels=5000)
+    with pytest.raises(MediaError, match="decompression bomb guard"):
+        load_image(Image.new("RGB", (100, 100)), MediaAccess(max_image_pixels=5000))
 
 
 def test_png_text_chunk_bomb():
@@ -136,7 +143,7 @@ def test_zero_byte_corrupt_and_truncated_videos(tmp_path, make_video):
     for bad in [tmp_path / "zero.mp4", tmp_path / "junk.mp4", whole[: len(whole) // 2]]:
         with pytest.raises(MediaError, match="cannot open video"):
             process_video(bad)
-    with pytest.raises(MediaError, match="cannot read media file"):
+    with pytest.raises(MediaError, match="does not exist"):
         process_video(tmp_path / "missing.mp4")
 
 
@@ -171,7 +178,7 @@ def test_video_sources_are_checked_like_images(tmp_path, make_video):
     path = make_video("clip.mp4")
     with pytest.raises(MediaError, match="allow_remote=True"):
         plan_video("https://example.com/v.mp4")
-    with pytest.raises(MediaError, match="outside the allowed directory"):
-        plan_video(path, allowed_local_dir=tmp_path / "elsewhere")
+    with pytest.raises(MediaError, match="outside the allowed media directory"):
+        plan_video(path, access=MediaAccess(local_dir=tmp_path / "elsewhere"))
     with pytest.raises(MediaError, match="frame list is empty"):
         process_video([])

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from qwen2vl.errors import MediaError
-from qwen2vl.media import load_image, plan_image, process_image
+from qwen2vl.media import MediaAccess, load_image, plan_image, process_image
 from qwen2vl.media.source import fetch_remote
 
 
@@ -71,7 +71,7 @@ def test_remote_needs_allow_remote(serve, tmp_path, gradient):
     (tmp_path / "g.png").write_bytes(png_bytes(gradient))
     with pytest.raises(MediaError, match="allow_remote=True"):
         load_image(f"{serve}/g.png")
-    image = load_image(f"{serve}/g.png", allow_remote=True)
+    image = load_image(f"{serve}/g.png", MediaAccess(allow_remote=True))
     np.testing.assert_array_equal(np.asarray(image), np.asarray(gradient))
 
 
@@ -80,7 +80,7 @@ def test_remote_size_cap_and_missing_url(serve, tmp_path):
     with pytest.raises(MediaError, match="over the cap"):
         fetch_remote(f"{serve}/big.bin", max_bytes=1000)
     with pytest.raises(MediaError, match="cannot fetch"):
-        load_image(f"{serve}/missing.png", allow_remote=True)
+        load_image(f"{serve}/missing.png", MediaAccess(allow_remote=True))
 
 
 def test_allowed_local_dir_confines_paths_after_resolving_symlinks(tmp_path, gradient):
@@ -90,12 +90,12 @@ def test_allowed_local_dir_confines_paths_after_resolving_symlinks(tmp_path, gra
     gradient.save(inside / "ok.png")
     gradient.save(outside / "secret.png")
     (inside / "link.png").symlink_to(outside / "secret.png")
-    assert load_image(inside / "ok.png", allowed_local_dir=inside).size == (60, 40)
+    assert load_image(inside / "ok.png", MediaAccess(local_dir=inside)).size == (60, 40)
     for bad in [outside / "secret.png", inside / "link.png", f"{inside}/../outside/secret.png"]:
-        with pytest.raises(MediaError, match="outside the allowed directory"):
-            load_image(bad, allowed_local_dir=inside)
-    with pytest.raises(MediaError, match="outside the allowed directory"):
-        load_image(f"file://{outside / 'secret.png'}", allowed_local_dir=inside)
+        with pytest.raises(MediaError, match="outside the allowed media directory"):
+            load_image(bad, MediaAccess(local_dir=inside))
+    with pytest.raises(MediaError, match="outside the allowed media directory"):
+        load_image(f"file://{outside / 'secret.png'}", MediaAccess(local_dir=inside))
 
 
 def test_unsupported_scheme_and_bad_data_uri():

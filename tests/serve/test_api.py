@@ -7,6 +7,7 @@ import json
 import pytest
 
 from qwen2vl.generation.pipeline import Pipeline
+from qwen2vl.media import MediaAccess
 
 openai = pytest.importorskip("openai")
 
@@ -39,7 +40,7 @@ def model(client):
 @pytest.fixture
 def pipe(ckpt, media_dir):
     # Fresh per test: Pipeline's multi-turn prefix reuse would carry over from other tests.
-    return Pipeline.from_pretrained(ckpt, dtype="float32", allowed_local_dir=media_dir)
+    return Pipeline.from_pretrained(ckpt, dtype="float32", access=MediaAccess(local_dir=media_dir))
 
 
 def test_models_health_metrics_and_page(server, client, ckpt):
