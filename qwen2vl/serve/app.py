@@ -2,7 +2,8 @@
 
     POST /v1/chat/completions   GET /v1/models   GET /health   GET /metrics   GET / (chat page)
 
-Requests are prepared (media decoded, tokenized) on a worker thread, then submitted to the engine
+With an API key, every route but /health and the page (/, /static) requires it. Requests are
+prepared (media decoded, tokenized) on a worker thread, then submitted to the engine
 thread; its events come back through an asyncio queue. A client that goes away cancels its
 sequences. Every error is OpenAI's error JSON with a 4xx status, 500 only for our own bugs.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,18 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen2vl.errors import Qwen2VLError
 from qwen2vl.serve import protocol
 from qwen2vl.serve.engine import Engine, QueueFull
 from qwen2vl.serve.errors import APIError, model_not_found, queue_full, too_large, unauthorized
-from qwen2vl.serve.prepare import Limits, Prepared, prepare
+from qwen2vl.serve.prepare import Limits, Prepared, check_structure, prepare
 from qwen2vl.serve.protocol import ChatCompletionRequest
 from qwen2vl.serve.responses import (
     Choice,
@@ -54,6 +57,9 @@ class ServerConfig:
     api_key: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # generation_config sampling
     max_body_bytes: int = 64 * 1024 * 1024
+    # Requests whose media are decoded at once: each may hold a decoded image of up to
+    # --max-image-pixels, so this bounds the memory of a burst, not just of one request.
+    prepare_workers: int = 4
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
@@ -68,9 +74,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="qwen2vl", lifespan=lifespan)
     app.state.engine, app.state.config = engine, config
+    app.state.preparing = asyncio.Semaphore(config.prepare_workers)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    auth = Depends(_auth(config.api_key))
+    app.add_middleware(Auth, api_key=config.api_key)  # outermost: no body read without the key
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -81,12 +88,16 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         text = engine.metrics.render(engine.stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=[auth])
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return protocol.model_list(config.model_name, CREATED)
 
-    @app.post("/v1/chat/completions", dependencies=[auth])
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra={"requestBody": {"content": {"application/json": {"schema": SCHEMA}}}},
+    )
+    async def chat_completions(request: Request):
+        body = await _parse(request, config.limits)
         return await _chat(engine, config, body, request)
 
     @app.get("/", include_in_schema=False)
@@ -98,18 +109,44 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
 
 CREATED = protocol.now()
+SCHEMA = ChatCompletionRequest.model_json_schema()
+OPEN_PATHS = ("/health", "/")  # and /static/*: probes and the page itself need no key
 
 
-def _auth(api_key: str | None):
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
-            raise unauthorized()
+class Auth:
+    """ASGI middleware: with an API key, every route but the open ones needs
+    'Authorization: Bearer KEY' (the docs and /metrics included)."""
 
-    return check
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        open_path = path in OPEN_PATHS or path.startswith("/static/")
+        if scope["type"] != "http" or self.api_key is None or open_path:
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers", [])).get(b"authorization", b"")
+        scheme, _, token = given.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode("latin-1"), self.api_key.encode("utf-8")
+        ):
+            return await _error_response(unauthorized())(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+async def _parse(request: Request, limits: Limits) -> ChatCompletionRequest:
+    """The body as a request: JSON parsed on a worker thread, cheap bounds first, then the
+    schema. Every failure is a 400 naming the field."""
+    raw = await request.body()
+    try:
+        data = await run_in_threadpool(json.loads, raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise APIError(400, "The request body is not valid JSON", code="invalid_json") from e
+    check_structure(data, limits)
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        raise _schema_error(e.errors(include_url=False, include_input=False)) from e
 
 
 # ---- chat completions -----------------------------------------------------------------------
@@ -119,11 +156,12 @@ async def _chat(engine: Engine, config: ServerConfig, body: ChatCompletionReques
     if body.model not in (config.model_name, *config.aliases):
         raise model_not_found(body.model, config.model_name)
     try:
-        prepared = await run_in_threadpool(
-            prepare, body, engine.processor, config.limits, config.defaults
-        )
-    except Qwen2VLError as e:  # bad media, bad messages, bad tools
-        raise APIError(400, str(e), param="messages") from e
+        async with request.app.state.preparing:
+            prepared = await run_in_threadpool(
+                prepare, body, engine.processor, config.limits, config.defaults
+            )
+    except Qwen2VLError as e:  # bad media, messages, tools or sampling settings
+        raise APIError(400, str(e), param=e.param or "messages", code=e.code) from e
     events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     seqs = _submit(engine, prepared, events)
     head = (protocol.new_id(), protocol.now(), body.model)
@@ -281,8 +319,24 @@ def _error_chunk(event: Finish) -> dict[str, Any]:
 
 
 def _error_response(e: APIError) -> JSONResponse:
-    body = protocol.error_body(e.message, e.type, param=e.param, code=e.code)
+    message, param = _encodable(e.message), None if e.param is None else _encodable(e.param)
+    body = protocol.error_body(message, e.type, param=param, code=e.code)
     return JSONResponse(body, status_code=e.status)
+
+
+def _encodable(text: str) -> str:
+    """Client text echoed in an error may hold lone surrogates, which JSON bodies cannot."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _schema_error(errors: list[dict[str, Any]]) -> APIError:
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ())) or None
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in err.get('loc', ())) or 'body'}: {err.get('msg')}"
+        for err in errors[:5]
+    )
+    return APIError(400, message, param=where, code="invalid_schema")
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -292,16 +346,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()
-        first = errors[0] if errors else {}
-        if first.get("type") == "json_invalid":
-            return _error_response(APIError(400, "The request body is not valid JSON"))
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}"
-            for err in errors[:5]
-        )
-        return _error_response(APIError(422, message, param=where, code="invalid_schema"))
+        errors = [{**err, "loc": err.get("loc", ())[1:]} for err in e.errors()]
+        return _error_response(_schema_error(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:

@@ -76,12 +76,47 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="serve image/video file paths and file:// URLs under this directory",
     )
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media")
+    p.add_argument(
+        "--max-image-pixels",
+        type=_positive,
+        default=50_000_000,
+        help="largest image (width x height, read from its header) decoded; larger ones are 400",
+    )
+    p.add_argument(
+        "--max-video-frame-pixels",
+        type=_positive,
+        default=4096 * 4096,
+        help="largest video frame (width x height, from the header) decoded",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=None,
+        help="per-part min_pixels/max_pixels/resized size are clamped to this "
+        "(default: the checkpoint's max_pixels)",
+    )
+    p.add_argument(
+        "--max-tokens-default",
+        type=_positive,
+        default=2048,
+        help="completion tokens of a request that sets no max_tokens",
+    )
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413)")
     p.add_argument("--encoder-cache-items", type=int, default=64, help="vision features kept")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
     p.set_defaults(run=run)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _limits(text: str) -> dict[str, int]:
@@ -119,12 +154,7 @@ def build_app(args: argparse.Namespace):
     model = cpu_matmuls(load_model(path, dtype=args.dtype))
     if args.quantize == "int8":
         quantize_int8(model)
-    processor = load_processor(
-        path,
-        allow_remote=args.allow_remote_media,
-        allowed_local_dir=args.allowed_local_media_path,
-        max_model_len=max_len,
-    )
+    processor = load_processor(path, access=media_access(args), max_model_len=max_len)
     engine = Engine(
         model,
         processor,
@@ -141,12 +171,36 @@ def build_app(args: argparse.Namespace):
     config = ServerConfig(
         model_name=args.served_model_name or path.resolve().name,
         aliases=tuple(a for a in (args.model, str(path.resolve())) if a),
-        limits=Limits(max_len, limits["image"], limits["video"], args.request_timeout),
+        limits=Limits(
+            max_len,
+            limits["image"],
+            limits["video"],
+            args.request_timeout,
+            max_tokens_default=args.max_tokens_default,
+            max_pixels=args.max_pixels,
+        ),
         api_key=args.api_key,
         defaults=defaults,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
     )
     return create_app(engine, config)
+
+
+def media_access(args: argparse.Namespace):
+    """What clients may make the server read: local files only under the named directory."""
+    from qwen2vl.media import MediaAccess
+
+    local = args.allowed_local_media_path
+    return MediaAccess(
+        allow_local=local is not None,
+        local_dir=local,
+        allow_remote=args.allow_remote_media,
+        max_image_pixels=args.max_image_pixels,
+        max_frame_pixels=args.max_video_frame_pixels,
+        how_to_allow_local="start the server with --allowed-local-media-path DIR to serve "
+        "files under DIR",
+        how_to_allow_remote="start the server with --allow-remote-media",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -96,9 +96,9 @@ def test_unknown_model_is_404(client):
 @pytest.mark.parametrize(
     "extra", [{"temperature": 5}, {"n": 0}, {"messages": []}, {"max_tokens": 0}]
 )
-def test_schema_errors_are_422(client, model, extra):
+def test_schema_errors_are_400(client, model, extra):
     kw = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
-    with pytest.raises(openai.UnprocessableEntityError) as e:
+    with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**kw)
     assert error_of(e)["code"] == "invalid_schema"
 
