@@ -15,7 +15,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from qwen2vl.media import decode, plan_video, process_image, process_video
+from qwen2vl.media import VideoSettings, decode, plan_video, process_image, process_video
 
 IMAGE_SIZES = [(448, 448), (1280, 720), (1920, 1080), (4032, 3024)]  # (width, height)
 REPEATS = 7
@@ -85,14 +85,14 @@ def bench_video() -> None:
         print(f"\nvideo: 60 s 1280x720 30 fps mpeg4, {size_mb:.1f} MB, generated in {made:.1f} s")
         plan_ms = median_ms(lambda: plan_video(path), repeats=3)
         print(f"  plan_video (metadata only): {plan_ms:.1f} ms")
-        cases = [("fps=2 (default)", {}), ("nframes=16", {"nframes": 16})]
-        for name, kwargs in cases:
-            plan = plan_video(path, **kwargs)
-            seek_ms = median_ms(lambda kw=kwargs: process_video(path, **kw), repeats=3)
+        cases = [("fps=2 (default)", VideoSettings()), ("nframes=16", VideoSettings(nframes=16))]
+        for name, settings in cases:
+            plan = plan_video(path, settings)
+            seek_ms = median_ms(lambda s=settings: process_video(path, s), repeats=3)
             default_skip = decode.SEEK_MIN_SKIP
             decode.SEEK_MIN_SKIP = 10**9  # force one sequential pass, for comparison
             try:
-                seq_ms = median_ms(lambda kw=kwargs: process_video(path, **kw), repeats=3)
+                seq_ms = median_ms(lambda s=settings: process_video(path, s), repeats=3)
             finally:
                 decode.SEEK_MIN_SKIP = default_skip
             print(

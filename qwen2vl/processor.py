@@ -122,10 +122,10 @@ class Processor:
     def _visual(self, kind: str, part: Mapping[str, Any], pixels: bool) -> VisualEncoding:
         merge2 = self.media.merge_size**2
         if not pixels:
-            plan = plan_part(dict(part), self.media, self.access)
+            plan = plan_part(dict(part), self.media, access=self.access)
             grid = tuple(int(g) for g in plan.grid_thw)
             return VisualEncoding(kind, part, grid, _prod(grid) // merge2, plan)
-        result = process_part(dict(part), self.media, self.access)
+        result = process_part(dict(part), self.media, access=self.access)
         pixel_values, grid_thw = result
         grid = tuple(int(g) for g in grid_thw)
         plan = getattr(result, "plan", None)

@@ -15,14 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from qwen2vl.errors import ConfigError
-from qwen2vl.media.image import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS
+from qwen2vl.media.image import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, ImageSettings
 from qwen2vl.media.patches import CLIP_MEAN, CLIP_STD
-from qwen2vl.media.sampling import MAX_VIDEO_TOKENS, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
+from qwen2vl.media.sampling import (
+    MAX_VIDEO_TOKENS,
+    VIDEO_MAX_PIXELS,
+    VIDEO_MIN_PIXELS,
+    VideoSettings,
+)
 
 
 @dataclass(frozen=True)
 class MediaConfig:
-    """Processing defaults the Processor passes to `process_image` / `process_video`."""
+    """A checkpoint's media defaults; `image_settings()` / `video_settings()` turn them into the
+    settings `process_image` / `process_video` take."""
 
     min_pixels: int = IMAGE_MIN_PIXELS
     max_pixels: int = IMAGE_MAX_PIXELS
@@ -82,24 +88,23 @@ class MediaConfig:
                 values["video_max_pixels"] = video_max
         return cls(**values)
 
-    def image_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `process_image` / `plan_image`."""
-        return dict(
-            min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels,
-            patch_size=self.patch_size,
-            merge_size=self.merge_size,
-            temporal_patch_size=self.temporal_patch_size,
-            image_mean=self.image_mean,
-            image_std=self.image_std,
+    def image_settings(self) -> ImageSettings:
+        """This checkpoint's image defaults; change one for a call with `dataclasses.replace`."""
+        return ImageSettings(
+            min_pixels=self.min_pixels, max_pixels=self.max_pixels, **self._patching()
         )
 
-    def video_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `process_video` / `plan_video`."""
-        return dict(
+    def video_settings(self) -> VideoSettings:
+        """This checkpoint's video defaults; change one for a call with `dataclasses.replace`."""
+        return VideoSettings(
             min_pixels=self.video_min_pixels,
             max_pixels=self.video_max_pixels,
             max_tokens=self.video_max_tokens,
+            **self._patching(),
+        )
+
+    def _patching(self) -> dict[str, Any]:
+        return dict(
             patch_size=self.patch_size,
             merge_size=self.merge_size,
             temporal_patch_size=self.temporal_patch_size,

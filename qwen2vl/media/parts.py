@@ -2,21 +2,23 @@
 
 A part looks like {"type": "image", "image": src, "min_pixels": ..., "max_pixels": ...} or
 {"type": "video", "video": src_or_frames, "fps": 1.0, "video_start": 3.0, ...}. `image_url`
-(a string, or OpenAI's {"url": ...}) stands for `image`. Per-item keys override the MediaConfig
-defaults; unknown keys are ignored with a warning, as qwen-vl-utils ignores them.
+(a string, or OpenAI's {"url": ...}) stands for `image`. Per-item keys are fields of
+ImageSettings / VideoSettings and replace the MediaConfig defaults; a bad value is a MediaError
+naming the key; unknown keys are ignored with a warning, as qwen-vl-utils ignores them.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from qwen2vl.errors import MediaError
 from qwen2vl.media.config import MediaConfig
-from qwen2vl.media.image import ImagePlan, plan_image, process_image
-from qwen2vl.media.sampling import VideoPlan
+from qwen2vl.media.image import ImagePlan, ImageSettings, check_number, plan_image, process_image
+from qwen2vl.media.sampling import VideoPlan, VideoSettings
 from qwen2vl.media.source import DEFAULT_ACCESS, MediaAccess
 from qwen2vl.media.video import VideoInput, plan_video, process_video
 
@@ -31,6 +33,7 @@ VIDEO_KEYS = IMAGE_KEYS + (
     "video_end",
     "min_frames",
     "max_frames",
+    "max_tokens",
 )
 _IGNORED = ("type", "text", "sample_fps", "image", "image_url", "video")
 
@@ -45,41 +48,47 @@ def part_kind(part: dict[str, Any]) -> str:
 
 
 def process_part(
-    part: dict[str, Any], config: MediaConfig | None = None, access: MediaAccess = DEFAULT_ACCESS
+    part: dict[str, Any],
+    config: MediaConfig | None = None,
+    *,
+    access: MediaAccess = DEFAULT_ACCESS,
 ) -> tuple[torch.Tensor, torch.Tensor] | VideoInput:
     """`process_image` or `process_video` on a content part, its keys over the config defaults."""
-    kind, source, kwargs = _call_args(part, config or MediaConfig())
+    kind, source, settings = _call_args(part, config or MediaConfig())
     run = process_image if kind == "image" else process_video
-    return run(source, access=access, **kwargs)
+    return run(source, settings, access=access)
 
 
 def plan_part(
-    part: dict[str, Any], config: MediaConfig | None = None, access: MediaAccess = DEFAULT_ACCESS
+    part: dict[str, Any],
+    config: MediaConfig | None = None,
+    *,
+    access: MediaAccess = DEFAULT_ACCESS,
 ) -> ImagePlan | VideoPlan:
     """`plan_image` or `plan_video` on a content part: sizes and tokens without pixels."""
-    kind, source, kwargs = _call_args(part, config or MediaConfig())
-    for name in ("image_mean", "image_std") + (("temporal_patch_size",) if kind == "image" else ()):
-        kwargs.pop(name)
+    kind, source, settings = _call_args(part, config or MediaConfig())
     run = plan_image if kind == "image" else plan_video
-    return run(source, access=access, **kwargs)
+    return run(source, settings, access=access)
 
 
-def _call_args(part: dict[str, Any], config: MediaConfig) -> tuple[str, Any, dict[str, Any]]:
+def _call_args(
+    part: dict[str, Any], config: MediaConfig
+) -> tuple[str, Any, ImageSettings | VideoSettings]:
     kind = part_kind(part)
     allowed = IMAGE_KEYS if kind == "image" else VIDEO_KEYS
     unknown = sorted(k for k in part if k not in allowed and k not in _IGNORED)
     if unknown:
         logger.warning("ignoring unknown %s part keys %s (known: %s)", kind, unknown, allowed)
-    kwargs = config.image_kwargs() if kind == "image" else config.video_kwargs()
-    kwargs.update({k: part[k] for k in allowed if part.get(k) is not None})
+    overrides = {k: part[k] for k in allowed if part.get(k) is not None}
     if kind == "image":
         source = part["image"] if "image" in part else part["image_url"]
         if isinstance(source, dict):
             source = source.get("url")
-        return kind, source, kwargs
-    if "fps" in kwargs and "nframes" in kwargs:
+        return kind, source, replace(config.image_settings(), **overrides)
+    if "fps" in overrides and "nframes" in overrides:
         raise MediaError("a video part takes either fps or nframes, not both")
     source = part["video"]
     if isinstance(source, (list, tuple)) and part.get("sample_fps") is not None:
-        kwargs["fps"] = part["sample_fps"]  # a frame list's own rate (qwen-vl-utils' sample_fps)
-    return kind, source, kwargs
+        check_number("sample_fps", part["sample_fps"], positive=True)
+        overrides["fps"] = part["sample_fps"]  # a frame list's own rate (qwen-vl-utils' sample_fps)
+    return kind, source, replace(config.video_settings(), **overrides)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from qwen2vl.errors import MediaError
+from qwen2vl.media.image import check_frame_settings, check_int, check_number
+from qwen2vl.media.patches import CLIP_MEAN, CLIP_STD
 from qwen2vl.media.resize import ceil_by_factor, floor_by_factor, round_by_factor, smart_resize
 
 logger = logging.getLogger(__name__)
@@ -40,9 +42,18 @@ VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
 MAX_VIDEO_TOKENS = 16384
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VideoSettings:
-    """The knobs of `process_video` / `plan_video`, validated once."""
+    """How a video becomes patches; `MediaConfig.video_settings()` gives a checkpoint's.
+
+    Frames: fps frames per second of video (for a frame list: the rate it was sampled at), or
+    nframes in all (wins over fps), from [video_start, video_end] seconds, fps-sampled counts
+    kept within [min_frames, max_frames]. Size per frame: within [min_pixels, max_pixels], the
+    frames together within total_pixels (None: qwen-vl-utils' default), or forced by
+    resized_height/resized_width. max_tokens: hard cap on the video's LLM tokens (None: no cap).
+    Then the checkpoint's patch geometry and normalisation. Field names are the content-part
+    keys of qwen-vl-utils.
+    """
 
     fps: float = FPS
     nframes: int | None = None
@@ -59,24 +70,25 @@ class VideoSettings:
     patch_size: int = 14
     merge_size: int = 2
     temporal_patch_size: int = 2
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
 
     def __post_init__(self) -> None:
-        if not self.fps > 0:
-            raise MediaError(f"fps must be positive, got {self.fps}")
-        if self.nframes is not None and self.nframes < 1:
-            raise MediaError(f"nframes must be at least 1, got {self.nframes}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise MediaError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.max_frames < 1 or self.min_frames < 0:
-            raise MediaError(
-                f"bad frame bounds: min_frames={self.min_frames}, max_frames={self.max_frames}"
-            )
-        if (self.resized_height is None) != (self.resized_width is None):
-            raise MediaError("give both resized_height and resized_width, or neither")
+        check_frame_settings(self)
+        check_number("fps", self.fps, positive=True)
+        for name in ("nframes", "total_pixels", "max_tokens"):
+            check_int(name, getattr(self, name), optional=True)
+        check_int("min_frames", self.min_frames, least=0)
+        check_int("max_frames", self.max_frames)
+        for name in ("video_start", "video_end"):
+            check_number(name, getattr(self, name), optional=True)
 
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
+
+
+DEFAULT_VIDEO_SETTINGS = VideoSettings()
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,18 @@
 
 A video is a container (path, file:// or data: URI, bytes, or http(s) where MediaAccess
 allows) decoded with PyAV, or a list of frames (anything `load_image` takes) that counts as
-already sampled at `fps` frames per second, as qwen-vl-utils treats frame lists. Frame choice
-and size follow qwen-vl-utils (see `sampling.py`), with a hard cap of `max_tokens` LLM tokens
-per video. Each frame is resized like an image (bicubic PIL; qwen-vl-utils resizes video with
-torchvision's antialiased bicubic, so pixels can differ slightly from it, not sizes or indices).
+already sampled at `VideoSettings.fps` frames per second, as qwen-vl-utils treats frame lists.
+Frame choice and size follow qwen-vl-utils (see `sampling.py`), with a hard cap of
+`VideoSettings.max_tokens` LLM tokens per video. Each frame is resized like an image (bicubic
+PIL; qwen-vl-utils resizes video with torchvision's antialiased bicubic, so pixels can differ
+slightly from it, not sizes or indices).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,19 +22,9 @@ from PIL import Image
 
 from qwen2vl.errors import MediaError
 from qwen2vl.media.decode import decode_frames, probe_video
-from qwen2vl.media.patches import CLIP_MEAN, CLIP_STD, normalize_table, patchify
+from qwen2vl.media.patches import normalize_table, patchify
 from qwen2vl.media.resize import resize_rgb
-from qwen2vl.media.sampling import (
-    FPS,
-    FPS_MAX_FRAMES,
-    FPS_MIN_FRAMES,
-    MAX_VIDEO_TOKENS,
-    VIDEO_MAX_PIXELS,
-    VIDEO_MIN_PIXELS,
-    VideoPlan,
-    VideoSettings,
-    plan_frames,
-)
+from qwen2vl.media.sampling import DEFAULT_VIDEO_SETTINGS, VideoPlan, VideoSettings, plan_frames
 from qwen2vl.media.source import (
     DEFAULT_ACCESS,
     MAX_REMOTE_VIDEO_BYTES,
@@ -69,63 +60,23 @@ class VideoInput:
 
 def plan_video(
     video: VideoSource,
+    settings: VideoSettings = DEFAULT_VIDEO_SETTINGS,
     *,
-    fps: float = FPS,
-    nframes: int | None = None,
-    video_start: float | None = None,
-    video_end: float | None = None,
-    min_pixels: int = VIDEO_MIN_PIXELS,
-    max_pixels: int = VIDEO_MAX_PIXELS,
-    total_pixels: int | None = None,
-    max_tokens: int | None = MAX_VIDEO_TOKENS,
-    resized_height: int | None = None,
-    resized_width: int | None = None,
-    min_frames: int = FPS_MIN_FRAMES,
-    max_frames: int = FPS_MAX_FRAMES,
-    patch_size: int = 14,
-    merge_size: int = 2,
-    temporal_patch_size: int = 2,
     access: MediaAccess = DEFAULT_ACCESS,
 ) -> VideoPlan:
-    """Frame indices, timestamps, resized size, grid and token count, from metadata only.
-
-    Takes the same arguments as `process_video` and returns the plan it would follow.
-    """
-    settings = _settings(locals())
+    """Frame indices, timestamps, resized size, grid and token count, from metadata only: the
+    plan `process_video` follows with the same arguments."""
     plan, _ = _plan(video, settings, access)
     return plan
 
 
 def process_video(
     video: VideoSource,
+    settings: VideoSettings = DEFAULT_VIDEO_SETTINGS,
     *,
-    fps: float = FPS,
-    nframes: int | None = None,
-    video_start: float | None = None,
-    video_end: float | None = None,
-    min_pixels: int = VIDEO_MIN_PIXELS,
-    max_pixels: int = VIDEO_MAX_PIXELS,
-    total_pixels: int | None = None,
-    max_tokens: int | None = MAX_VIDEO_TOKENS,
-    resized_height: int | None = None,
-    resized_width: int | None = None,
-    min_frames: int = FPS_MIN_FRAMES,
-    max_frames: int = FPS_MAX_FRAMES,
-    patch_size: int = 14,
-    merge_size: int = 2,
-    temporal_patch_size: int = 2,
-    image_mean: tuple[float, ...] = CLIP_MEAN,
-    image_std: tuple[float, ...] = CLIP_STD,
     access: MediaAccess = DEFAULT_ACCESS,
 ) -> VideoInput:
-    """A video (container or frame list) -> VideoInput with patches, grid, timestamps and plan.
-
-    fps: frames to sample per second of video (for a frame list: the rate it was sampled at);
-    nframes: a fixed frame count instead (wins over fps); video_start/video_end: seconds.
-    min_pixels/max_pixels/total_pixels: per-frame and whole-video pixel bounds (qwen-vl-utils);
-    max_tokens: hard cap on the video's LLM tokens (None: no cap).
-    """
-    settings = _settings(locals())
+    """A video (container or frame list) -> VideoInput with patches, grid, timestamps and plan."""
     plan, data = _plan(video, settings, access)
     size = (plan.resized_height, plan.resized_width)
     if isinstance(data, list):
@@ -135,10 +86,10 @@ def process_video(
         frames = [decoded[i] for i in plan.frame_indices]
     pixel_values = patchify(
         np.stack(frames),
-        normalize_table(tuple(image_mean), tuple(image_std)),
-        patch_size=patch_size,
-        merge_size=merge_size,
-        temporal_patch_size=temporal_patch_size,
+        normalize_table(tuple(settings.image_mean), tuple(settings.image_std)),
+        patch_size=settings.patch_size,
+        merge_size=settings.merge_size,
+        temporal_patch_size=settings.temporal_patch_size,
     )
     return VideoInput(
         pixel_values=pixel_values,
@@ -147,14 +98,6 @@ def process_video(
         frame_indices=plan.frame_indices,
         plan=plan,
     )
-
-
-def _settings(arguments: dict[str, Any]) -> VideoSettings:
-    """VideoSettings from a public function's arguments (its locals() before any other name)."""
-    return VideoSettings(**{k: v for k, v in arguments.items() if k in _SETTING_NAMES})
-
-
-_SETTING_NAMES = frozenset(f.name for f in fields(VideoSettings))
 
 
 def _plan(

@@ -285,7 +285,7 @@ def _culprit(messages, processor: Processor) -> str:
     """Which media part of a conversation fails on its own (only run once encoding failed)."""
     for kind, part in visual_parts(messages):
         try:
-            process_part(dict(part), processor.media, processor.access)
+            process_part(dict(part), processor.media, access=processor.access)
         except Qwen2VLError:
             source = part.get(kind) or part.get(f"{kind}_url")
             return f"{kind} {str(source)[:200]!r}"

@@ -13,6 +13,7 @@ from PIL import Image, PngImagePlugin
 from qwen2vl.errors import MediaError
 from qwen2vl.media import (
     MediaAccess,
+    VideoSettings,
     load_image,
     plan_image,
     plan_video,
@@ -167,7 +168,7 @@ def test_absurd_frame_count_is_capped_and_decoded_lazily(make_video, monkeypatch
         return lambda frame: conversions.append(1) or convert(frame)
 
     monkeypatch.setattr(video_module, "_resizer", counting)
-    video = process_video(path, max_tokens=2048)
+    video = process_video(path, VideoSettings(max_tokens=2048))
     assert len(video.frame_indices) <= 768
     assert video.plan.tokens <= 2048 and video.plan.capped
     assert video.plan.uncapped_tokens > 16384

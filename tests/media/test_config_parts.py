@@ -11,7 +11,10 @@ from PIL import Image
 from qwen2vl.errors import ConfigError, MediaError
 from qwen2vl.media import (
     CLIP_MEAN,
+    CLIP_STD,
+    ImageSettings,
     MediaConfig,
+    VideoSettings,
     load_media_config,
     plan_part,
     process_image,
@@ -72,7 +75,7 @@ def test_image_part_overrides_config_and_matches_process_image():
     config = MediaConfig(max_pixels=28 * 28 * 64)
     part = {"type": "image", "image": image, "max_pixels": 28 * 28 * 16}
     pixel_values, grid_thw = process_part(part, config)
-    expected, expected_grid = process_image(image, max_pixels=28 * 28 * 16)
+    expected, expected_grid = process_image(image, ImageSettings(max_pixels=28 * 28 * 16))
     assert grid_thw.tolist() == expected_grid.tolist() and (pixel_values == expected).all()
     plan = plan_part(part, config)
     assert plan.grid_thw == tuple(grid_thw.tolist())
@@ -108,3 +111,42 @@ def test_part_without_media_and_unknown_keys(caplog):
         plan_part({"type": "text", "text": "hi"})
     plan_part({"image": Image.new("RGB", (50, 50)), "max_pixel": 5})
     assert "max_pixel" in caplog.text
+
+
+def test_config_gives_the_settings_the_functions_default_to():
+    assert MediaConfig().image_settings() == ImageSettings()
+    assert MediaConfig().video_settings() == VideoSettings()
+    config = MediaConfig.from_hf(
+        dict(OFFICIAL, patch_size=16), {"size": {"shortest_edge": 50000, "longest_edge": 90000}}
+    )
+    image, video = config.image_settings(), config.video_settings()
+    assert (image.patch_size, image.max_pixels, image.image_std) == (16, 12845056, CLIP_STD)
+    assert (video.patch_size, video.max_pixels, video.max_tokens) == (16, 90000, 16384)
+
+
+@pytest.mark.parametrize(
+    "part,key",
+    [
+        ({"image": Image.new("RGB", (50, 50)), "max_pixels": "big"}, "max_pixels"),
+        (
+            {"image": Image.new("RGB", (50, 50)), "resized_height": 2.5, "resized_width": 9},
+            "resized_height",
+        ),
+        ({"video": "v.mp4", "fps": "fast"}, "fps"),
+        ({"video": "v.mp4", "nframes": True}, "nframes"),
+        ({"video": "v.mp4", "video_start": float("nan")}, "video_start"),
+        ({"video": "v.mp4", "max_tokens": 0}, "max_tokens"),
+        ({"video": [Image.new("RGB", (8, 8))], "sample_fps": -1}, "sample_fps"),
+    ],
+)
+def test_bad_part_value_is_a_media_error_naming_the_key(part, key):
+    with pytest.raises(MediaError, match=key) as caught:
+        plan_part(part)
+    assert caught.value.param == key
+
+
+def test_video_part_max_tokens_caps_the_video(make_video):
+    path = str(make_video("cap.mp4", frames=64))
+    uncapped = plan_part({"video": path, "fps": 8.0})
+    plan = plan_part({"video": path, "fps": 8.0, "max_tokens": 300})
+    assert uncapped.tokens > 300 and plan.capped and plan.tokens <= 300

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen2vl.media import load_image, process_image
+from qwen2vl.media import ImageSettings, load_image, process_image
 
 pil_backend = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
 
@@ -73,7 +73,9 @@ def reference(image, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, to
 
 
 def assert_same(image, ref_input, min_pixels, max_pixels):
-    pixel_values, grid_thw = process_image(image, min_pixels=min_pixels, max_pixels=max_pixels)
+    pixel_values, grid_thw = process_image(
+        image, ImageSettings(min_pixels=min_pixels, max_pixels=max_pixels)
+    )
     ref_values, ref_grid = reference(ref_input, min_pixels, max_pixels)
     assert grid_thw.dtype == torch.long and grid_thw.shape == (3,)
     assert grid_thw.tolist() == ref_grid.tolist()
@@ -100,6 +102,8 @@ def test_high_depth_modes_match_transformers_after_our_rgb(name):
 
 def test_forced_size_is_snapped_to_the_factor_like_qwen_vl_utils():
     image = Image.fromarray(smooth(300, 500))
-    pixel_values, grid_thw = process_image(image, resized_height=280, resized_width=430)
+    pixel_values, grid_thw = process_image(
+        image, ImageSettings(resized_height=280, resized_width=430)
+    )
     assert grid_thw.tolist() == [1, 20, 30]  # 430 -> round(430/28)*28 = 420
     assert pixel_values.shape == (600, 3 * 2 * 14 * 14)

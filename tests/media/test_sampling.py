@@ -170,3 +170,23 @@ def test_token_cap_too_small_for_any_plan_is_a_media_error():
 def test_under_the_cap_nothing_changes():
     plan = ours(300, 30.0, 480, 640, {}, max_tokens=16384)
     assert not plan.capped and plan.tokens == plan.uncapped_tokens
+
+
+@pytest.mark.parametrize(
+    "fields,key",
+    [
+        ({"fps": 0}, "fps"),
+        ({"fps": "2"}, "fps"),
+        ({"nframes": 0}, "nframes"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"total_pixels": -1}, "total_pixels"),
+        ({"min_frames": -1}, "min_frames"),
+        ({"video_end": float("inf")}, "video_end"),
+        ({"max_pixels": None}, "max_pixels"),
+        ({"image_std": (1.0, 1.0, 0.0)}, "image_std"),
+    ],
+)
+def test_bad_settings_are_a_media_error_naming_the_field(fields, key):
+    with pytest.raises(MediaError, match=key) as caught:
+        VideoSettings(**fields)
+    assert caught.value.param == key

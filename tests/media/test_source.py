@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from qwen2vl.errors import MediaError
-from qwen2vl.media import MediaAccess, load_image, plan_image, process_image
+from qwen2vl.media import ImageSettings, MediaAccess, load_image, plan_image, process_image
 from qwen2vl.media.source import fetch_remote
 
 
@@ -144,9 +144,9 @@ def test_exif_orientation_is_applied_and_planned(tmp_path):
     with Image.open(path) as stored:
         assert stored.size == (60, 20)
     assert load_image(path).size == (20, 60)
-    plan = plan_image(path, min_pixels=1, max_pixels=10**6)
+    plan = plan_image(path, ImageSettings(min_pixels=1, max_pixels=10**6))
     assert (plan.height, plan.width) == (60, 20)
-    _, grid_thw = process_image(path, min_pixels=1, max_pixels=10**6)
+    _, grid_thw = process_image(path, ImageSettings(min_pixels=1, max_pixels=10**6))
     assert tuple(grid_thw.tolist()) == plan.grid_thw
 
 

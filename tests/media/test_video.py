@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from qwen2vl.media import ImageSettings, VideoSettings, plan_video, process_image, process_video
 from qwen2vl.media import decode as decode_module
-from qwen2vl.media import plan_video, process_image, process_video
 from qwen2vl.media.decode import decode_frames, probe_video
 
 av = pytest.importorskip("av")
@@ -77,11 +77,11 @@ def test_consecutive_frames_decode_without_seeking(make_video, monkeypatch):
 
 def test_time_range_and_explicit_nframes(make_video, read_index):
     path = make_video("t.mp4", frames=64)
-    video = process_video(path, video_start=1.0, video_end=5.0)
+    video = process_video(path, VideoSettings(video_start=1.0, video_end=5.0))
     assert video.plan.start_frame == 8 and video.plan.end_frame == 40
     assert video.frame_indices[0] == 8 and video.frame_indices[-1] == 40
     assert video.timestamps[0] == 1.0 and video.timestamps[-1] == 5.0
-    video = process_video(path, nframes=6)
+    video = process_video(path, VideoSettings(nframes=6))
     assert video.frame_indices == (0, 13, 25, 38, 50, 63)
     meta = probe_video(path)
     decoded = decode_frames(path, list(video.frame_indices), meta.fps, rgb24)
@@ -92,7 +92,7 @@ def test_pixels_match_the_image_processor_frame_by_frame(make_video):
     """transformers' video processor needs torchvision, so each frame goes through its PIL image
     processor (same resize, rescale, normalise) and frame pairs are interleaved on the time axis."""
     path = make_video("p.mp4", frames=16)
-    video = process_video(path, nframes=4)
+    video = process_video(path, VideoSettings(nframes=4))
     frames = all_frames(path)
     processor = pil_backend.Qwen2VLImageProcessorPil(
         min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28
@@ -110,15 +110,16 @@ def test_pixels_match_the_image_processor_frame_by_frame(make_video):
 def test_plan_video_is_what_processing_does(make_video):
     path = make_video("plan.mp4", frames=64)
     for kwargs in [{}, {"fps": 1.0}, {"nframes": 10}, {"max_tokens": 300}, {"video_end": 3.0}]:
-        plan = plan_video(path, **kwargs)
-        video = process_video(path, **kwargs)
+        settings = VideoSettings(**kwargs)
+        plan = plan_video(path, settings)
+        video = process_video(path, settings)
         assert plan == video.plan
         assert video.pixel_values.shape[0] == plan.tokens * 4
         assert tuple(video.grid_thw.tolist()) == plan.grid_thw
 
 
 def test_token_cap_holds_on_a_real_video(make_video):
-    video = process_video(make_video("cap.mp4", frames=64), fps=8.0, max_tokens=500)
+    video = process_video(make_video("cap.mp4", frames=64), VideoSettings(fps=8.0, max_tokens=500))
     assert video.plan.capped and video.plan.tokens <= 500
     assert video.pixel_values.shape[0] == video.plan.tokens * 4
 
@@ -143,12 +144,14 @@ def test_frame_list_is_already_sampled_and_padded(tmp_path):
     images = [Image.new("RGB", (64, 48), c) for c in colours]
     images[1].save(tmp_path / "f1.png")
     frames = [images[0], tmp_path / "f1.png", np.asarray(images[2]), images[3], images[4]]
-    video = process_video(frames, fps=4.0)
+    video = process_video(frames, VideoSettings(fps=4.0))
     assert video.frame_indices == (0, 1, 2, 3, 4, 4)
     assert video.timestamps == (0.0, 0.25, 0.5, 0.75, 1.0, 1.0)
     assert video.grid_thw.tolist() == [3, 20, 28]
     # Each frame pair equals the image path's patches of those frames.
-    first, _ = process_image(images[0], min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28)
+    first, _ = process_image(
+        images[0], ImageSettings(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28)
+    )
     rows = video.pixel_values.view(3, -1, 3, 2, 14, 14)
     torch.testing.assert_close(rows[0, :, :, 0], first.view(-1, 3, 2, 14, 14)[:, :, 0])
     # The padded last pair holds the same frame twice.
