@@ -1,25 +1,27 @@
-"""Benchmark qwen2vl against transformers on the same weights, image and prompt, in one process.
+"""Measure qwen2vl on this machine: load time, vision tower, time to first token, decode tokens/s
+and peak memory, with bf16 weights and with weight-only int8.
 
-    python -m qwen2vl.bench [--model DIR | --preset 2B] [--layers N] [--new-tokens 32]
-                            [--device cpu|cuda]
+    qwen2vl bench [--model DIR | --preset 2B] [--layers N] [--new-tokens 32]
+                  [--image-size 448] [--repeats 3] [--device cpu|cuda]
 
 Without --model it writes a random-weight checkpoint of the preset's architecture (bf16) to a
-temporary directory. It measures this machine's memory read bandwidth and bf16 matmul rate, then
-for each implementation: load time, vision-encoder time (448x448 -> 256 tokens), time to first
-token, decode tokens/s and peak memory (RSS on the CPU, allocated GPU memory on CUDA); qwen2vl
-also in weight-only int8. Decode is also reported as a fraction of the bandwidth limit (bytes of
-weights read per token / bandwidth). Prints a table with ratios; asserts nothing. transformers
-is needed (pip install -e '.[test]'). On CUDA both run bf16 with PyTorch's SDPA (no flash-attn).
+temporary directory. The model loads through ``load_for_inference``, as the Pipeline and the
+server load it. Decode is also reported as a fraction of the bandwidth limit (bytes of weights
+read per token / this machine's measured memory read bandwidth). Prints a table; asserts nothing.
+The comparison with transformers is ``benchmarks/compare_transformers.py``, built on these
+measurements.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,26 +30,55 @@ from PIL import Image
 
 import qwen2vl
 from qwen2vl.config import preset
-from qwen2vl.generation.compute import cpu_matmuls
 from qwen2vl.generation.generate import Generator
-from qwen2vl.generation.quantize import quantize_int8
+from qwen2vl.generation.load import load_for_inference
 from qwen2vl.generation.sampling import SamplingParams
 
+# No decode step of a whole model returns in under 10 us (a Python call and a kernel launch
+# alone cost microseconds): a faster figure is a timing or counting error, never a result.
+MAX_TOKENS_PER_SECOND = 100_000
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qwen2vl bench", description=__doc__.split("\n\n")[0])
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the kernel choice, once
+    with tempfile.TemporaryDirectory(prefix="qwen2vl-bench-") as tmp:
+        path, batch, bandwidth = prepare(args, Path(tmp))
+        rows, reads = {}, [bandwidth]
+        for quantize in (None, "int8"):
+            name = f"qwen2vl {quantize or 'bf16'}"
+            rows[name] = measure_qwen2vl(
+                path, batch, quantize=quantize, new_tokens=args.new_tokens, repeats=args.repeats
+            )
+            print(f"{name}: {rows[name]}", flush=True)
+            reads.append(measure_bandwidth(args.device))
+        print_table(rows, bandwidth_over_run(reads), bytes_per_token(path))
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: random weights of --preset)")
     p.add_argument("--preset", default="2B", choices=["2B", "7B", "72B"])
     p.add_argument("--layers", type=int, default=None, help="LLM layers of the random model")
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=_at_least_two, default=32)
     p.add_argument(
         "--image-size", type=int, default=448, help="square image side (448 -> 256 tokens)"
     )
     p.add_argument("--repeats", type=int, default=3, help="repeats of the timed vision encoder")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    p.add_argument("--skip-reference", action="store_true", help="qwen2vl only")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    args = p.parse_args(argv)
+    p.set_defaults(run=run)
+
+
+def _at_least_two(text: str) -> int:
+    n = int(text)
+    if n < 2:  # the first token ends the prefill; decode is timed from the second
+        raise argparse.ArgumentTypeError(f"need at least 2 new tokens to time decode, got {n}")
+    return n
+
+
+def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, dict, float]:
+    """Threads set, the machine measured and printed, the checkpoint (``--model``, else a random
+    one written under tmp) and the inputs on the device: (checkpoint, batch, bandwidth)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -58,29 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"memory read {machine['bandwidth'] / 1e9:.1f} GB/s; matmul bf16 "
         f"{machine['bf16_flops'] / 1e9:.0f} GFLOP/s, fp32 {machine['fp32_flops'] / 1e9:.0f} GFLOP/s"
     )
-    with tempfile.TemporaryDirectory(prefix="qwen2vl-bench-") as tmp:
-        path = Path(args.model) if args.model else random_checkpoint(args, Path(tmp))
-        batch = {k: v.to(device) for k, v in bench_inputs(path, args.image_size).items()}
-        runs = [
-            ("qwen2vl bf16", lambda: bench_ours(path, batch, args, int8=False)),
-            ("qwen2vl int8", lambda: bench_ours(path, batch, args, int8=True)),
-        ]
-        if not args.skip_reference:
-            runs.append(("transformers bf16", lambda: bench_reference(path, batch, args)))
-        rows = {}
-        reads = [machine["bandwidth"]]
-        for name, run in runs:
-            rows[name] = run()
-            print(
-                f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in rows[name].items()), flush=True
-            )
-            reads.append(measure_bandwidth(device))
-        # A shared machine's bandwidth drifts (36-72 GB/s within minutes, seen here): the limit
-        # is the median of the reads taken before and after every implementation's run.
-        machine["bandwidth"] = statistics.median(reads)
-        print(f"memory read over the run: {', '.join(f'{r / 1e9:.1f}' for r in reads)} GB/s")
-        print_table(rows, machine, bytes_per_token(path))
-    return 0
+    path = Path(args.model) if args.model else random_checkpoint(args.preset, tmp, args.layers)
+    batch = {k: v.to(device) for k, v in bench_inputs(path, args.image_size).items()}
+    return path, batch, machine["bandwidth"]
 
 
 # ---- machine ---------------------------------------------------------------------------------
@@ -90,16 +101,16 @@ def measure_bandwidth(device: torch.device | str = "cpu") -> float:
     """Bytes per second of the best of ten sums over a buffer far larger than the caches."""
     gpu = torch.device(device).type == "cuda"
     buf = torch.ones((4096 if gpu else 512) * 2**20 // 4, device=device)  # touched: resident
-    return buf.numel() * 4 / _best(lambda: buf.sum(), 10)
+    return buf.numel() * 4 / best_time(lambda: buf.sum(), 10)
 
 
 def measure_machine(device: torch.device | str = "cpu") -> dict[str, float]:
     gpu = torch.device(device).type == "cuda"
     n = 8192 if gpu else 1024
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    mm = _best(lambda: a @ a, 3)
+    mm = best_time(lambda: a @ a, 3)
     f = a.float()
-    mm32 = _best(lambda: f @ f, 3)
+    mm32 = best_time(lambda: f @ f, 3)
     return {
         "bandwidth": measure_bandwidth(device),
         "bf16_flops": 2 * n**3 / mm,
@@ -107,47 +118,59 @@ def measure_machine(device: torch.device | str = "cpu") -> dict[str, float]:
     }
 
 
+def bandwidth_over_run(reads: Sequence[float]) -> float:
+    """The bandwidth to judge decode by, from reads taken before and after every run: a shared
+    machine's drifts (36-72 GB/s within minutes, seen here), so the median of them (printed)."""
+    print(f"memory read over the run: {', '.join(f'{r / 1e9:.1f}' for r in reads)} GB/s")
+    return statistics.median(reads)
+
+
 def _cuda_in_use() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
-def _sync() -> None:
+def sync() -> None:
     if _cuda_in_use():
         torch.cuda.synchronize()
 
 
-def _times(fn: Callable[[], object], n: int) -> list[float]:
-    """Seconds of each of n calls, the device's queued work included."""
-    times = []
-    for _ in range(n):
-        _sync()
-        t = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t)
-    return times
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """Seconds of one call, the device's queued work included, and what it returned."""
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t, out
 
 
-def _best(fn: Callable[[], object], n: int) -> float:
+def best_time(fn: Callable[[], object], n: int) -> float:
     fn()
-    return min(_times(fn, n))
+    return min(timed(fn)[0] for _ in range(n))
 
 
-def _median(fn: Callable[[], object], n: int) -> float:
+def median_time(fn: Callable[[], object], n: int) -> float:
     if n > 1:  # warm up; single runs of slow steps are timed cold
         fn()
-    return statistics.median(_times(fn, n))
+    return statistics.median(timed(fn)[0] for _ in range(n))
+
+
+def first_token_runs(device: torch.device, repeats: int) -> int:
+    """Runs of the first-token timing: one cold run on the CPU (a slow step), the median of
+    warm runs on CUDA (the first call there pays for lazy library and kernel set-up)."""
+    return repeats if device.type == "cuda" else 1
 
 
 # ---- inputs ----------------------------------------------------------------------------------
 
 
-def random_checkpoint(args: argparse.Namespace, tmp: Path) -> Path:
-    cfg = preset(args.preset)
-    if args.layers:
-        cfg.text.num_hidden_layers = args.layers
+def random_checkpoint(name: str, out: Path, layers: int | None = None) -> Path:
+    """A bf16 checkpoint of preset ``name``'s architecture (``layers`` LLM layers) with random
+    weights, written to out/model."""
+    cfg = preset(name)
+    if layers:
+        cfg.text.num_hidden_layers = layers
     cfg.torch_dtype = "bfloat16"
-    print(f"writing a random {args.preset} checkpoint ({cfg.text.num_hidden_layers} LLM layers)")
+    print(f"writing a random {name} checkpoint ({cfg.text.num_hidden_layers} LLM layers)")
     torch.manual_seed(0)
     with torch.device("meta"):
         model = qwen2vl.Qwen2VL(cfg)
@@ -155,35 +178,20 @@ def random_checkpoint(args: argparse.Namespace, tmp: Path) -> Path:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    qwen2vl.save_pretrained(model, tmp / "model")
+    qwen2vl.save_pretrained(model, out / "model")
     del model
     gc.collect()
-    return tmp / "model"
+    return out / "model"
 
 
 def bench_inputs(path: Path, size: int) -> dict:
     """A size x size image (448 -> 256 tokens) and a short question, through our processor."""
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
-    proc = qwen2vl.load_processor(path)
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {
-                    "type": "image",
-                    "image": image,
-                    "min_pixels": size * size,
-                    "max_pixels": size * size,
-                },
-                {
-                    "type": "text",
-                    "text": "Describe this picture in detail, including every object.",
-                },
-            ],
-        }
-    ]
-    return proc(messages)
+    pixels = {"min_pixels": size * size, "max_pixels": size * size}
+    question = "Describe this picture in detail, including every object."
+    content = [{"type": "image", "image": image, **pixels}, {"type": "text", "text": question}]
+    return qwen2vl.load_processor(path)([{"role": "user", "content": content}])
 
 
 def bytes_per_token(path: Path) -> int:
@@ -196,10 +204,43 @@ def bytes_per_token(path: Path) -> int:
     return 2 * (n + cfg.text.hidden_size)
 
 
-# ---- implementations -------------------------------------------------------------------------
+# ---- measurements ----------------------------------------------------------------------------
 
 
-def peak_rss_reset() -> None:
+class MeasurementError(ValueError):
+    """A timing that cannot be a real figure (a run that stopped early, a near-zero time)."""
+
+
+def decode_rate(tokens: int, requested: int, seconds: float) -> float:
+    """Tokens per second of a decode asked for ``requested`` tokens that produced ``tokens`` in
+    ``seconds``. Raises rather than return a rate from a run that stopped early (not comparable
+    with one that did not) or one faster than ``MAX_TOKENS_PER_SECOND`` (a timing error)."""
+    if tokens != requested:
+        raise MeasurementError(
+            f"decoded {tokens} tokens where {requested} were asked for: the run stopped early"
+        )
+    if requested < 1 or seconds * MAX_TOKENS_PER_SECOND < tokens:
+        raise MeasurementError(f"{tokens} tokens in {seconds:.3g} s is not a real decode rate")
+    return tokens / seconds
+
+
+@dataclass
+class Row:
+    load_s: float
+    vision_s: float
+    ttft_s: float
+    decode_tok_s: float
+    peak_mem: int  # bytes: resident memory on the CPU, allocated GPU memory on CUDA
+    read_scale: float = 1.0  # weight bytes read per decode token, as a fraction of bf16's
+
+    def __str__(self) -> str:
+        return (
+            f"load {self.load_s:.3g} s, vision {self.vision_s:.3g} s, TTFT {self.ttft_s:.3g} s, "
+            f"decode {self.decode_tok_s:.3g} tok/s, peak memory {self.peak_mem / 1e9:.3g} GB"
+        )
+
+
+def peak_mem_reset() -> None:
     gc.collect()
     if _cuda_in_use():
         torch.cuda.empty_cache()
@@ -207,7 +248,7 @@ def peak_rss_reset() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
 
 
-def peak_rss() -> int:
+def peak_mem() -> int:
     """Peak resident memory; on CUDA the peak allocated GPU memory (what bounds batch sizes)."""
     if _cuda_in_use():
         return torch.cuda.max_memory_allocated()
@@ -217,118 +258,47 @@ def peak_rss() -> int:
     return 0
 
 
-def bench_ours(path: Path, batch: dict, args: argparse.Namespace, *, int8: bool) -> dict:
-    peak_rss_reset()
+def measure_qwen2vl(
+    path: Path, batch: dict, *, quantize: str | None, new_tokens: int, repeats: int
+) -> Row:
+    peak_mem_reset()
     device = batch["input_ids"].device
-    t = time.perf_counter()
-    model = qwen2vl.load_model(path, dtype="bfloat16", device=str(device))
-    if device.type == "cpu":
-        cpu_matmuls(model)
-    if int8:
-        quantize_int8(model)
-    _sync()
-    load = time.perf_counter() - t
+    load, model = timed(lambda: load_for_inference(path, "bfloat16", device, quantize=quantize))
     pv, grid = batch["pixel_values"], batch["image_grid_thw"]
     with torch.inference_mode():
-        vision = _median(lambda: model.encode_visual(pv, grid), args.repeats)
+        vision = median_time(lambda: model.encode_visual(pv, grid), repeats)
 
-    def first_token():
-        gen = Generator.start(
-            model, batch, SamplingParams(max_new_tokens=args.new_tokens), stop_token_ids=[]
-        )
+    def first_token() -> Generator:
+        params = SamplingParams(max_new_tokens=new_tokens)
+        gen = Generator.start(model, batch, params, stop_token_ids=[])
         gen.step()
         return gen
 
-    ttft = _median(first_token, _cold_or_warm(args))
+    ttft = median_time(first_token, first_token_runs(device, repeats))
     gen = first_token()
-    _sync()
-    t = time.perf_counter()
-    for _ in gen:
-        pass
-    _sync()
-    decode = (gen.n_new - 1) / (time.perf_counter() - t)
-    return _row(load, vision, ttft, decode)
-
-
-def bench_reference(path: Path, batch: dict, args: argparse.Namespace) -> dict:
-    import transformers
-
-    peak_rss_reset()
-    t = time.perf_counter()
-    # .to() rather than device_map=: device_map needs accelerate, not a dependency here
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
-    model = model.to(batch["input_ids"].device).eval()
-    _sync()
-    load = time.perf_counter() - t
-    pv, grid = batch["pixel_values"], batch["image_grid_thw"]
-    ids = batch["input_ids"]
-    inputs = dict(batch, mm_token_type_ids=(ids == model.config.image_token_id).int())
-    with torch.inference_mode():
-        vision = _median(lambda: model.model.get_image_features(pv, grid), args.repeats)
-
-        def run(n):
-            return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-        ttft = _median(lambda: run(1), _cold_or_warm(args))
-        _sync()
-        t = time.perf_counter()
-        run(args.new_tokens)
-        _sync()
-        total = time.perf_counter() - t
-    decode = (args.new_tokens - 1) / max(total - ttft, 1e-9)
-    return _row(load, vision, ttft, decode)
-
-
-def _cold_or_warm(args: argparse.Namespace) -> int:
-    """Runs of the first-token timing: one cold run on the CPU (a slow step), the median of
-    warm runs on CUDA (the first call there pays for lazy library and kernel set-up)."""
-    return args.repeats if args.device.startswith("cuda") else 1
-
-
-def _row(load: float, vision: float, ttft: float, decode: float) -> dict:
-    return {
-        "load_s": load,
-        "vision_s": vision,
-        "ttft_s": ttft,
-        "decode_tok_s": decode,
-        "peak_rss": peak_rss(),
-    }
+    seconds, _ = timed(lambda: list(gen))
+    decode = decode_rate(gen.n_new - 1, new_tokens - 1, seconds)
+    return Row(load, vision, ttft, decode, peak_mem(), 0.5 if quantize == "int8" else 1.0)
 
 
 # ---- report ----------------------------------------------------------------------------------
 
 
-def print_table(rows: dict[str, dict], machine: dict[str, float], bpt: int) -> None:
-    limit = machine["bandwidth"] / bpt
-    ref = rows.get("transformers bf16")
+def print_table(rows: dict[str, Row], bandwidth: float, bpt: int) -> None:
+    """One line per row; decode also as a percentage of the bandwidth limit, bandwidth / bytes
+    read per token (``bpt`` for bf16 weights, scaled by each row's ``read_scale``)."""
+    limit = bandwidth / bpt
     print(
         f"\nweights read per decode token (bf16): {bpt / 1e9:.2f} GB -> bandwidth limit "
         f"{limit:.2f} tok/s (int8 reads about half)"
     )
-    header = (
+    print(
         f"{'':<18} {'load s':>8} {'vision s':>9} {'TTFT s':>8} {'decode tok/s':>13} "
         f"{'% of limit':>10} {'peak mem GB':>12}"
     )
-    print(header)
     for name, r in rows.items():
-        frac = r["decode_tok_s"] / limit * (0.5 if "int8" in name else 1.0)
+        frac = r.decode_tok_s / limit * r.read_scale
         print(
-            f"{name:<18} {r['load_s']:>8.2f} {r['vision_s']:>9.3f} {r['ttft_s']:>8.3f} "
-            f"{r['decode_tok_s']:>13.2f} {100 * frac:>9.0f}% {r['peak_rss'] / 1e9:>12.2f}"
+            f"{name:<18} {r.load_s:>8.2f} {r.vision_s:>9.3f} {r.ttft_s:>8.3f} "
+            f"{r.decode_tok_s:>13.2f} {100 * frac:>9.0f}% {r.peak_mem / 1e9:>12.2f}"
         )
-    if ref:
-        print("\nratios vs transformers bf16 (higher is better for us):")
-        for name, r in rows.items():
-            if r is ref:
-                continue
-            print(
-                f"  {name:<16} vision {ref['vision_s'] / r['vision_s']:.2f}x  "
-                f"TTFT {ref['ttft_s'] / r['ttft_s']:.2f}x  "
-                f"decode {r['decode_tok_s'] / ref['decode_tok_s']:.2f}x  "
-                f"load {ref['load_s'] / r['load_s']:.2f}x  "
-                f"peak memory {r['peak_rss'] / ref['peak_rss']:.2f} of theirs"
-            )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,13 +1,41 @@
+import sys
+
+import pytest
+
 from qwen2vl import bench
+from qwen2vl.cli import main
 from qwen2vl.default_model import default_model_dir
 
 
-def test_bench_runs_both_implementations_on_the_default_model(capsys):
+def test_bench_measures_bf16_and_int8_without_transformers(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # any import of it now fails
     argv = ["--model", str(default_model_dir()), "--image-size", "56", "--new-tokens", "3"]
-    assert bench.main([*argv, "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
-    table = out[out.index("load s") :]
-    for name in ("qwen2vl bf16", "qwen2vl int8", "transformers bf16"):
+    assert main(["bench", *argv, "--repeats", "1"]) == 0
+    table = capsys.readouterr().out.split("load s", 1)[1]
+    for name in ("qwen2vl bf16", "qwen2vl int8"):
         row = next(line for line in table.splitlines() if line.startswith(name))
         assert len(row.split()) == len(name.split()) + 6  # every column has a number
-    assert "decode" in out[out.index("ratios vs transformers") :]
+    assert "transformers" not in table
+
+
+def test_decode_rate_counts_the_tokens_over_the_time():
+    assert bench.decode_rate(31, 31, 2.0) == 15.5
+
+
+def test_a_reference_that_stopped_early_gets_no_rate():
+    # asked for 32 tokens, it stopped after the first: no decode, and no time to divide by
+    with pytest.raises(bench.MeasurementError, match="stopped early"):
+        bench.decode_rate(0, 31, 1e-9)
+
+
+def test_a_near_zero_decode_time_gets_no_rate():
+    with pytest.raises(bench.MeasurementError, match="not a real decode rate"):
+        bench.decode_rate(31, 31, 1e-9)
+    with pytest.raises(bench.MeasurementError, match="not a real decode rate"):
+        bench.decode_rate(31, 31, -0.2)  # an n-token run timed faster than a 1-token one
+
+
+def test_decode_needs_at_least_two_new_tokens(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--new-tokens", "1"])
+    assert "at least 2 new tokens" in capsys.readouterr().err

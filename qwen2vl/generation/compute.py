@@ -7,17 +7,23 @@ Two regimes, chosen per call by the number of activation rows:
 - Many rows (prefill, the vision tower, from ``MIN_ROWS``): compute-bound. CPUs with bf16 matrix
   instructions (AVX512-BF16, AMX) run bf16 matmuls several times faster than float32; CPUs
   without them (AVX2, older AVX-512) several times slower (measured: 1 vs 166 GFLOP/s on an AVX2
-  machine, 915 vs 209 on an AVX512-BF16 one). Which one this CPU is gets measured once; on the
-  slow kind the weight is widened into a reused float32 workspace (a fresh buffer per call would
-  page-fault on every use), multiplied, and the result cast back.
+  machine, 915 vs 209 on an AVX512-BF16 one). On the slow kind the weight is widened into a
+  reused float32 workspace (a fresh buffer per call would page-fault on every use), multiplied,
+  and the result cast back.
 The weights stay in their storage dtype either way (memory and decode bandwidth unchanged).
+
+Which paths a model takes is decided once, at load (``choose_kernels``: builds the kernel,
+measures the matmul speed, logs the choice), and handed to the modules that take them
+(``cpu_matmuls`` swaps them in); nothing is decided in ``forward``.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +32,21 @@ from torch import nn
 from qwen2vl.generation import gemv
 from qwen2vl.model.vision import PatchEmbed
 
+logger = logging.getLogger(__name__)
+
 MIN_ROWS = 64  # below this a half-precision matmul is memory-bound: never widened
 _local = threading.local()
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which CPU paths a loaded model's matmuls take (the default: PyTorch's kernels only)."""
+
+    gemv: bool = False  # decode rows through gemv.py's compiled kernel
+    widen: bool = False  # compute-bound half-precision matmuls widened to float32
+
+
+PYTORCH_ONLY = Kernels()
 
 
 def widened(w: torch.Tensor) -> torch.Tensor:
@@ -36,6 +55,11 @@ def widened(w: torch.Tensor) -> torch.Tensor:
     if ws is None or ws.numel() < w.numel() or ws.device != w.device:
         ws = _local.workspace = torch.empty(w.numel(), dtype=torch.float32, device=w.device)
     return ws[: w.numel()].view(w.shape).copy_(w)
+
+
+def many_rows(x: torch.Tensor) -> bool:
+    """Whether a matmul of x's rows is compute-bound (prefill, the vision tower)."""
+    return x.numel() // x.shape[-1] >= MIN_ROWS
 
 
 @functools.cache
@@ -60,40 +84,79 @@ def half_matmul_is_slow(dtype: torch.dtype) -> bool:
     return native > wide
 
 
-def runs_widened(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a matmul of x's rows computed in ``dtype`` runs widened to float32 here: enough
-    rows to be compute-bound, a half-precision dtype, and a CPU where that dtype is slow."""
-    rows = x.numel() // x.shape[-1]
-    return rows >= MIN_ROWS and dtype != torch.float32 and half_matmul_is_slow(dtype)
+@functools.cache
+def choose_kernels(dtype: torch.dtype, *, int8: bool = False) -> Kernels:
+    """The CPU paths for a model with ``dtype`` weights (and activations), int8 or not: the
+    decode kernel where its weights can use it (built here if need be), float32 widening where
+    this CPU's ``dtype`` matmuls are slow (measured here). Once per process; logged."""
+    kernels = Kernels(
+        gemv=(int8 or dtype in gemv.WEIGHT_DTYPES) and gemv.available(),
+        widen=dtype != torch.float32 and half_matmul_is_slow(dtype),
+    )
+    name = str(dtype).removeprefix("torch.")
+    logger.info(
+        "CPU matmuls for %s%s weights: decode rows by %s; prefill and vision matmuls in %s",
+        "int8/" if int8 else "",
+        name,
+        "qwen2vl's kernel" if kernels.gemv else "PyTorch",
+        f"float32 (this CPU's {name} matmuls are slow)" if kernels.widen else name,
+    )
+    return kernels
 
 
 class CPULinear(nn.Linear):
+    """An nn.Linear taking the CPU paths above. Built around an existing Linear: it holds that
+    Linear's own weight and bias Parameters (so ties such as lm_head = embed_tokens survive)."""
+
+    def __init__(self, linear: nn.Linear, kernels: Kernels):
+        # on meta, then the original Parameters replace the placeholders: nothing is copied
+        super().__init__(
+            linear.in_features, linear.out_features, linear.bias is not None, device="meta"
+        )
+        self.weight, self.bias = linear.weight, linear.bias
+        self.kernels = kernels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if gemv.usable(x, self.weight):
+        if self.kernels.gemv and gemv.fits(x, self.weight):
             return gemv.linear(x, self.weight, bias=self.bias)
-        if not runs_widened(x, self.weight.dtype):
-            return super().forward(x)
+        if not (self.kernels.widen and many_rows(x)):
+            return F.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), widened(self.weight), bias).to(x.dtype)
 
 
 class CPUPatchEmbed(PatchEmbed):
+    """PatchEmbed taking the float32 path on CPUs with slow half-precision matmuls. Built around
+    an existing PatchEmbed: it holds that module's own ``proj`` (same key, same Parameter)."""
+
+    def __init__(self, embed: PatchEmbed, kernels: Kernels):
+        nn.Module.__init__(self)  # not PatchEmbed.__init__: that would build a second Conv3d
+        self.shape, self.proj, self.kernels = embed.shape, embed.proj, kernels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.proj.weight
-        if not runs_widened(x, w.dtype):
+        if not (self.kernels.widen and many_rows(x)):
             return super().forward(x)
+        w = self.proj.weight
         return F.linear(x.float(), widened(w.flatten(1))).to(w.dtype)
 
 
-def cpu_matmuls(model: nn.Module) -> nn.Module:
-    """In place: every plain nn.Linear and the patch embedding take the CPU paths above.
+def _cpu_module(module: nn.Module, kernels: Kernels) -> nn.Module | None:
+    if type(module) is nn.Linear:  # exact types: LoRA, int8 and other subclasses keep theirs
+        return CPULinear(module, kernels)
+    if type(module) is PatchEmbed:
+        return CPUPatchEmbed(module, kernels)
+    return None
 
-    Parameters and their names are untouched (the swap changes classes only), so state dicts,
-    int8 quantisation and saving work as before. Float32 models keep PyTorch's kernels.
-    """
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = CPULinear
-        elif type(module) is PatchEmbed:
-            module.__class__ = CPUPatchEmbed
-    return model
+
+def cpu_matmuls(model: nn.Module, kernels: Kernels) -> nn.Module:
+    """Replace every plain nn.Linear and the patch embedding under ``model`` by its CPU module
+    (in place, on its parent); returns ``model``, or its replacement if it is one itself.
+
+    The replacements hold the same Parameter objects under the same names, so state dict keys,
+    tied weights and outputs on PyTorch's path are unchanged."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            fast = _cpu_module(child, kernels)
+            if fast is not None:
+                setattr(parent, name, fast)
+    return _cpu_module(model, kernels) or model

@@ -5,10 +5,11 @@ bf16 and int8 kernels for one row reach about 65 % of it on a 2-core machine; ``
 streams each thread's rows once and reaches 85-98 % of it in bf16, 68-98 % in int8 (by matrix
 shape, measured).
 
-The kernel is compiled on first use for this CPU (``torch.utils.cpp_extension``: a C++ compiler
-and ninja, about 20 s, cached by torch under a name that includes this CPU's features, so a
-shared home directory never runs code built for another CPU). If it cannot be built, or the CPU
-has neither AVX2+FMA nor AVX-512, callers fall back to PyTorch's kernels after one warning.
+``available()`` compiles the kernel for this CPU the first time it is asked for
+(``torch.utils.cpp_extension``: a C++ compiler and ninja, about 20 s) and caches it under a name
+that hashes this CPU's features, the source, the flags and the torch and Python versions, so a
+shared home directory never runs code built for another CPU or another torch. If it cannot be
+built, or the CPU has neither AVX2+FMA nor AVX-512, callers take PyTorch's kernels (logged once).
 ``QWEN2VL_KERNELS=0`` turns it off.
 """
 
@@ -16,83 +17,130 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
+import logging
 import os
 import platform
+import subprocess
 import sys
-import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 MAX_ROWS = 16  # activation rows the kernel takes; more rows are matmuls, not GEMVs
 SOURCE = Path(__file__).with_name("gemv.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp")
 WEIGHT_DTYPES = (torch.bfloat16, torch.int8)
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
+# Run by a child interpreter: torch's builder runs `ninja` from the PATH of the process calling it.
+_BUILD = """\
+import sys
+from torch.utils import cpp_extension
+name, source, directory, *flags = sys.argv[1:]
+cpp_extension.load(
+    name, [source], build_directory=directory, extra_cflags=flags, extra_ldflags=["-fopenmp"]
+)
+"""
 
-def _cpu_tag() -> str:
-    """A short hash of what -march=native compiles for (the CPU's feature flags)."""
+
+def _cpu_flags() -> str:
+    """What -march=native compiles for: the machine and the CPU's feature flags."""
     flags = platform.machine() + platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                flags += line
-                break
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+                return flags + line
+    return flags
 
 
-def _built(cpp_extension: ModuleType, name: str) -> bool:
-    try:  # a private helper of torch's, used only to decide whether to say we are building
-        return any(Path(cpp_extension._get_build_directory(name, False)).glob("*.so"))
-    except Exception:
-        return True
+def _name() -> str:
+    """The extension's module name: a hash of everything that changes the built library."""
+    key = [_cpu_flags(), SOURCE.read_text(), " ".join(FLAGS), torch.__version__, sys.version]
+    return "qwen2vl_gemv_" + hashlib.sha1("\n".join(key).encode()).hexdigest()[:12]
+
+
+def _cache_dir() -> Path:
+    """Where torch keeps JIT-built extensions: TORCH_EXTENSIONS_DIR, else the user cache."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "torch_extensions"
+
+
+def _build_env() -> dict[str, str]:
+    """A copy of this process's environment with pip's ninja first on PATH: an unactivated
+    virtualenv's bin (where `pip install ninja` puts it) is not on PATH."""
+    env = dict(os.environ)
+    try:
+        import ninja
+    except ImportError:
+        return env
+    env["PATH"] = ninja.BIN_DIR + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _build(name: str, directory: Path) -> None:
+    """Compile in a child interpreter given ``_build_env()``, so this process's environment is
+    never edited. Raises with the end of the compiler's output on failure."""
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-c", _BUILD, name, str(SOURCE), str(directory), *FLAGS]
+    done = subprocess.run(argv, env=_build_env(), capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        tail = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+        raise RuntimeError("\n".join(tail[-5:]) or f"exit status {done.returncode}")
+
+
+def _import(name: str, library: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @functools.cache
 def _load() -> ModuleType | None:
-    if os.environ.get("QWEN2VL_KERNELS", "1") == "0" or platform.machine() not in (
-        "x86_64",
-        "AMD64",
-    ):
+    if os.environ.get("QWEN2VL_KERNELS", "1") == "0":
+        logger.info("decode kernel turned off (QWEN2VL_KERNELS=0); using PyTorch's")
         return None
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    name = _name()
+    directory = _cache_dir() / name
+    library = directory / (name + (".pyd" if sys.platform == "win32" else ".so"))
     try:
-        from torch.utils import cpp_extension
-
-        try:  # ninja from PyPI, when the venv's bin is not on PATH
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-        name = f"qwen2vl_gemv_{_cpu_tag()}"
-        if not _built(cpp_extension, name):
-            print("qwen2vl: building the decode kernel for this CPU (once)", file=sys.stderr)
-        flags = ["-O3", "-march=native", "-fopenmp"]
-        ext = cpp_extension.load(
-            name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False
-        )
+        # torch's builder holds `lock` while it builds: the library may be half written
+        if not library.exists() or (directory / "lock").exists():
+            logger.info("building the decode kernel for this CPU (once, about 20 s): %s", library)
+            _build(name, directory)
+        ext = _import(name, library)
     except Exception as e:  # no compiler, no ninja, an unusual toolchain: PyTorch's kernels
-        warnings.warn(f"qwen2vl: decode kernel unavailable ({e}); using PyTorch's", stacklevel=2)
+        logger.warning("decode kernel unavailable (%s); using PyTorch's", e)
         return None
-    return ext if ext.simd_width() > 0 else None
+    if ext.simd_width() == 0:
+        logger.info("decode kernel: this CPU has neither AVX2+FMA nor AVX-512; using PyTorch's")
+        return None
+    return ext
 
 
 def available() -> bool:
-    """Whether the compiled kernel is usable on this machine (builds it on first call)."""
+    """Whether the compiled kernel is usable on this machine (builds it on the first call)."""
     return _load() is not None
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``linear(x, weight, ...)`` takes the kernel: CPU decode rows, supported dtypes."""
+def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear(x, weight, ...)`` suits the kernel: CPU decode rows, supported dtypes.
+    Says nothing of whether the kernel is available (see ``available``)."""
     return (
         x.device.type == "cpu"
         and x.numel() <= MAX_ROWS * x.shape[-1]
         and weight.dtype in WEIGHT_DTYPES
         and x.dtype in ACTIVATION_DTYPES
         and weight.is_contiguous()
-        and available()
     )
 
 
@@ -103,6 +151,6 @@ def linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T`` (each output channel times ``scales``, then ``+ bias``) in x's dtype,
-    accumulated in float32. Call only where ``usable(x, weight)``."""
+    accumulated in float32. Call only where ``fits(x, weight)`` and ``available()``."""
     out = _load().gemv(x.reshape(-1, x.shape[-1]), weight, scales, bias)
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -23,15 +23,13 @@ from typing import Any
 
 import torch
 
-from qwen2vl.generation.compute import cpu_matmuls
 from qwen2vl.generation.generate import Generator, generate
 from qwen2vl.generation.kv_cache import KVCache
-from qwen2vl.generation.quantize import quantize_int8
+from qwen2vl.generation.load import load_for_inference
 from qwen2vl.generation.sampling import SamplingParams
 from qwen2vl.generation.stop import StopStrings
 from qwen2vl.model.qwen2vl import Qwen2VL
 from qwen2vl.processor import Encoding, Processor, VisualEncoding, load_processor
-from qwen2vl.weights import load_model
 
 
 @dataclass
@@ -77,14 +75,8 @@ class Pipeline:
         progress: Callable[[int, int], None] | None = None,
         **processor_kwargs: Any,
     ) -> Pipeline:
-        """``progress(done, total)`` follows weight loading (see ``load_model``)."""
-        model = load_model(path, dtype=dtype, device=device, progress=progress)
-        if torch.device(device).type == "cpu":
-            cpu_matmuls(model)
-        if quantize == "int8":
-            quantize_int8(model)
-        elif quantize is not None:
-            raise ValueError(f"quantize={quantize!r}: only None or 'int8'")
+        """The model through ``load_for_inference``; ``processor_kwargs`` go to the processor."""
+        model = load_for_inference(path, dtype, device, quantize=quantize, progress=progress)
         return cls(
             model,
             load_processor(path, **processor_kwargs),

@@ -2,10 +2,10 @@
 
 Each output channel of a Linear weight [N, K] gets one scale = max|w| / 127; weights are stored as
 int8 and multiplied on the fly. Decode rows on CPU read the int8 weights directly (half the bytes
-of bf16: decode speed is bound by those bytes): the GEMV kernel (gemv.py), else PyTorch's fused
-``_weight_int8pack_mm``. Prefill-sized inputs dequantise into a workspace (float32 where this
-CPU's half-precision matmuls are slow, see compute.py); elsewhere the weight is dequantised per
-call.
+of bf16: decode speed is bound by those bytes): the GEMV kernel (gemv.py) where the load chose
+it, else PyTorch's fused ``_weight_int8pack_mm``. Prefill-sized inputs dequantise into a
+workspace (float32 where this CPU's half-precision matmuls are slow, see compute.py); elsewhere
+the weight is dequantised per call.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen2vl.generation import compute, gemv
-from qwen2vl.generation.compute import MIN_ROWS, widened
+from qwen2vl.generation import gemv
+from qwen2vl.generation.compute import PYTORCH_ONLY, Kernels, many_rows, widened
 
 LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -29,21 +29,21 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, kernels: Kernels = PYTORCH_ONLY):
         super().__init__()
         q, scale = quantize_per_channel(linear.weight.detach())
         self.register_buffer("weight", q)
         self.register_buffer("scales", scale)  # float32: exact max|w| / 127
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if gemv.usable(x, self.weight):
+        if self.kernels.gemv and gemv.fits(x, self.weight):
             return gemv.linear(x, self.weight, self.scales, self.bias)
-        if rows >= MIN_ROWS and x.device.type == "cpu":  # prefill: compute-bound, see compute.py
+        if many_rows(x) and x.device.type == "cpu":  # prefill: compute-bound, see compute.py
             w = widened(self.weight).mul_(self.scales[:, None])
-            if compute.runs_widened(x, x.dtype):
+            if self.kernels.widen:
                 out = F.linear(x.float(), w).to(x.dtype)
             else:  # float32 x, or a CPU with fast half-precision matmuls
                 out = F.linear(x, w.to(x.dtype))
@@ -56,8 +56,11 @@ class Int8Linear(nn.Module):
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
-def quantize_int8(model: nn.Module, *, vision: bool = False, lm_head: bool = True) -> nn.Module:
-    """Swap the LLM's linears (and optionally the ViT's and lm_head) for Int8Linear, in place.
+def quantize_int8(
+    model: nn.Module, *, vision: bool = False, lm_head: bool = True, kernels: Kernels = PYTORCH_ONLY
+) -> nn.Module:
+    """Swap the LLM's linears (and optionally the ViT's and lm_head) for Int8Linear, in place;
+    ``kernels`` (see compute.py) says which CPU paths they take.
 
     Layer by layer, so peak memory holds one layer's float weight beside the int8 model.
     """
@@ -72,5 +75,5 @@ def quantize_int8(model: nn.Module, *, vision: bool = False, lm_head: bool = Tru
             if in_llm or in_vit or (lm_head and full == "lm_head"):
                 targets.append((module, child_name, child))
     for parent, child_name, child in targets:
-        setattr(parent, child_name, Int8Linear(child))
+        setattr(parent, child_name, Int8Linear(child, kernels))
     return model

@@ -1,3 +1,5 @@
+import logging
+import os
 import platform
 
 import pytest
@@ -47,14 +49,15 @@ def test_int8_applies_per_channel_scales_and_bias(dtype):
     assert rel < (1e-2 if dtype != torch.float32 else 1e-6)
 
 
-def test_usable_only_for_cpu_decode_rows_of_supported_dtypes():
+def test_fits_only_cpu_decode_rows_of_supported_dtypes():
     w = torch.zeros(8, 32, dtype=torch.bfloat16)
     few = torch.zeros(gemv.MAX_ROWS, 32, dtype=torch.bfloat16)
     many = torch.zeros(gemv.MAX_ROWS + 1, 32, dtype=torch.bfloat16)
-    assert gemv.usable(few, w) == gemv.available()
-    assert not gemv.usable(many, w)
-    assert not gemv.usable(few, w.float())  # float32 weights: PyTorch's kernels
-    assert not gemv.usable(few, w.t().contiguous().t())  # a transposed view
+    assert gemv.fits(few, w)
+    assert gemv.fits(few, w.to(torch.int8))
+    assert not gemv.fits(many, w)
+    assert not gemv.fits(few, w.float())  # float32 weights: PyTorch's kernels
+    assert not gemv.fits(few, w.t().contiguous().t())  # a transposed view
 
 
 def test_turned_off_by_environment(monkeypatch):
@@ -68,20 +71,43 @@ def test_turned_off_by_environment(monkeypatch):
 
 
 @needs_kernel
-def test_a_failed_build_falls_back_with_one_warning(monkeypatch):
-    from torch.utils import cpp_extension
-
-    def no_compiler(*args, **kwargs):
+def test_a_failed_build_falls_back_with_one_logged_warning(monkeypatch, tmp_path, caplog):
+    def no_compiler(name, directory):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there
+    monkeypatch.setattr(gemv, "_build", no_compiler)
     gemv._load.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        with caplog.at_level(logging.INFO, logger="qwen2vl.generation.gemv"):
             assert not gemv.available()
-        lin = torch.nn.Linear(32, 8).bfloat16()
-        x = torch.randn(1, 32).bfloat16()
-        assert not gemv.usable(x, lin.weight)  # callers take PyTorch's kernel
+            assert not gemv.available()
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+    finally:
+        monkeypatch.undo()
+        gemv._load.cache_clear()
+
+
+def test_the_build_finds_pip_ninja_through_a_copy_of_the_environment():
+    ninja = pytest.importorskip("ninja")
+    before = dict(os.environ)
+    env = gemv._build_env()
+    assert env["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    assert dict(os.environ) == before
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_a_fresh_build_leaves_this_process_environment_alone(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    before = dict(os.environ)
+    gemv._load.cache_clear()
+    try:
+        assert gemv.available()
+        assert dict(os.environ) == before
+        assert list(tmp_path.glob("qwen2vl_gemv_*/qwen2vl_gemv_*.so"))
+        assert capfd.readouterr() == ("", "")
     finally:
         monkeypatch.undo()
         gemv._load.cache_clear()
