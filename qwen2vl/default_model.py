@@ -4,7 +4,7 @@ It ships inside the package (`qwen2vl/assets/Qwen2-VL-Tiny-Synth/`, ~23 MB, bflo
 official Hugging Face layout, so `qwen2vl demo`, `chat`, `serve` and `eval` run without downloading
 anything, and transformers loads it as it loads a released checkpoint. It knows only the
 synthetic world (shapes, colours, counts, digits and short words, boxes, moving objects); how it
-was made is `recipes/default/` and `scripts/train_default_model.sh`.
+was made is `qwen2vl/synth/` (`qwen2vl build-default-model` rebuilds it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def default_model_dir() -> Path:
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         raise CheckpointError(
             f"the default model is missing from this install ({DEFAULT_MODEL_DIR}); pass "
-            "--model DIR, or rebuild it with scripts/train_default_model.sh"
+            "--model DIR, or rebuild it with `qwen2vl build-default-model`"
         )
     return DEFAULT_MODEL_DIR
 

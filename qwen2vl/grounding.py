@@ -124,12 +124,18 @@ def parse_grounding(text: str) -> list[GroundedObject]:
     return objects
 
 
+def parse_box_body(body: str) -> list[Box]:
+    """The boxes of one ``<|box_start|>...<|box_end|>`` body: ``(x1,y1),(x2,y2)`` pairs (none
+    when the point count is odd)."""
+    pts = _points(body)
+    if len(pts) % 2:
+        return []
+    return [Box(*a, *b) for a, b in zip(pts[::2], pts[1::2], strict=True)]
+
+
 def _shapes(box_body: str | None, quad_body: str | None) -> tuple[list[Box], list[Quad]]:
     if box_body is not None:
-        pts = _points(box_body)
-        if len(pts) % 2:
-            return [], []
-        return [Box(*a, *b) for a, b in zip(pts[::2], pts[1::2], strict=True)], []
+        return parse_box_body(box_body), []
     pts = _points(quad_body or "")
     return [], [Quad(tuple(pts))] if len(pts) == 4 else []
 

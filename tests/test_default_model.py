@@ -18,7 +18,7 @@ from qwen2vl.synth import make_sample
 from qwen2vl.synth.dataset import conversation
 from qwen2vl.synth.eval import EVAL_SEED
 
-RECIPE = Path(__file__).parents[1] / "recipes/default/model"
+RECIPE = Path(__file__).parents[1] / "qwen2vl/synth/recipe/model"
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.errors import Qwen2VLError
 from qwen2vl.model.attention import causal_mask
 from qwen2vl.model.rope import mrope_cos_sin, mrope_positions, text_positions
-from qwen2vl.model.text import KVCache, TextModel
+from qwen2vl.model.text import DecoderTaps, KVCache, TextModel
 from qwen2vl.model.vision import VisionTransformer
 
 IGNORE_INDEX = -100
@@ -28,9 +28,10 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Qwen2VLOutput:
-    logits: torch.Tensor  # [B, T, V] (or only the positions logits_to_keep names)
+    logits: torch.Tensor | None  # [B, T, V] (or only the positions logits_to_keep names)
     loss: torch.Tensor | None = None  # mean next-token loss over labels != -100
     rope_deltas: torch.Tensor | None = None  # [B]: position of the n-th real token = n + delta
+    hidden: torch.Tensor | None = None  # [B, T, E] final hidden states, with return_hidden
 
 
 class Qwen2VL(nn.Module):
@@ -57,19 +58,12 @@ class Qwen2VL(nn.Module):
         image_features: torch.Tensor | None = None,
         video_features: torch.Tensor | None = None,
         *,
-        rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings [B, T, E] with each image/video placeholder replaced by its feature.
-        rows (ids [K] sorted, their embedding rows [K, E]) is a slice of the table to read from
-        when it holds every one of input_ids (else the whole table is read)."""
-        x = None
-        if rows is not None and len(rows[0]):
-            ids, table = rows
-            local = torch.searchsorted(ids, input_ids).clamp(max=len(ids) - 1)
-            if bool((ids[local] == input_ids).all()):
-                x = F.embedding(local, table)
-        if x is None:
-            x = self.model.embed_tokens(input_ids)
+        token_embeds [B, T, E]: the embeddings of input_ids when the caller read them already
+        (else they are read from the table)."""
+        x = self.model.embed_tokens(input_ids) if token_embeds is None else token_embeds
         for token_id, feats, kind in (
             (self.cfg.image_token_id, image_features, "image"),
             (self.cfg.video_token_id, video_features, "video"),
@@ -123,7 +117,8 @@ class Qwen2VL(nn.Module):
         kv_cache: KVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        vocab_rows: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        taps: DecoderTaps | None = None,
     ) -> Qwen2VLOutput:
         """input_ids [B, T] -> logits [B, T, V].
 
@@ -133,13 +128,14 @@ class Qwen2VL(nn.Module):
         B = 1 row (training); logits_to_keep > 0 computes logits for the last positions only, a
         1-D tensor of positions for those positions only (training: where the loss is taken, since
         the [T, V] logits of every position cost more than the rest of a small model).
-        vocab_rows [K] (sorted) gives logits [.., K] of those vocabulary rows only (training with
-        lumped zero rows, `train/vocab.py`; not with `labels`: their loss needs every row).
+        return_hidden gives the final hidden states of those positions (``hidden``) instead of
+        logits, for a caller that applies its own output projection (not with labels).
         inputs_embeds [B, T, E] (from ``embed`` with cached visual features) replaces the
-        embedding step; input_ids are still needed for the positions.
+        embedding step; input_ids are still needed for the positions. taps hands out values from
+        inside the decoder as they are made (``DecoderTaps``).
         """
-        if vocab_rows is not None and labels is not None:
-            raise Qwen2VLError("labels need the logits of every row: not with vocab_rows")
+        if return_hidden and labels is not None:
+            raise Qwen2VLError("labels need logits: not with return_hidden")
         feats = {}
         for kind, pixels, grid in (
             ("image", pixel_values, image_grid_thw),
@@ -149,17 +145,8 @@ class Qwen2VL(nn.Module):
                 if grid is None:
                     raise Qwen2VLError(f"{kind} pixels were given without their grid_thw")
                 feats[kind] = self.encode_visual(pixels, grid)
-        head = rows = None  # the lm_head rows of vocab_rows
-        if vocab_rows is not None:
-            vocab_rows = vocab_rows.to(input_ids.device)
-            head = self.lm_head.weight[vocab_rows]
-            if self.cfg.text.tie_word_embeddings:
-                # the input embedding reads the same gathered rows: with tied weights the
-                # backward then scatters into the [V, E] table once, not twice (training
-                # steps of the default model: part of their 14 % speed-up, measured)
-                rows = (vocab_rows, head)
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, feats.get("image"), feats.get("video"), rows=rows)
+            inputs_embeds = self.embed(input_ids, feats.get("image"), feats.get("video"))
         x = inputs_embeds
         B, T = input_ids.shape
         deltas = None
@@ -174,12 +161,14 @@ class Qwen2VL(nn.Module):
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = causal_mask(attention_mask, B, T, attention_mask.shape[1], x.device)
-        h = self.model(x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache)
+        h = self.model(x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache, taps=taps)
         if isinstance(logits_to_keep, torch.Tensor):
             h = h[:, logits_to_keep.to(h.device)]
         elif logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h) if head is None else F.linear(h, head)
+        if return_hidden:
+            return Qwen2VLOutput(logits=None, rope_deltas=deltas, hidden=h)
+        logits = self.lm_head(h)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return Qwen2VLOutput(logits=logits, loss=loss, rope_deltas=deltas)
 

@@ -8,10 +8,13 @@ the rotary cos/sin for every token; how attention is restricted (causal, padding
 cu_seqlens) and where past keys/values live (``kv_cache``) are passed in, never kept here.
 A ``kv_cache`` is any object with ``update(layer_idx, k, v) -> (k_all, v_all)`` taking this
 call's k/v [B, K, T, D] and returning every key/value the queries may attend to [B, K, S, D].
+A ``DecoderTaps`` asks one call for values from inside the decoder (training objectives).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -27,6 +30,20 @@ class KVCache(Protocol):
     def update(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class DecoderTaps:
+    """Values inside the decoder that one forward call hands out, at the point it makes them.
+
+    ``attention_input[i](x, cos, sin)`` is called with layer i's attention input (after its norm;
+    x [B, T, E], cos/sin [B, T, D]) and ``layer_output[i](h)`` with layer i's output [B, T, E]. A
+    loss built from them joins the autograd graph in forward order, so its gradients sum in the
+    same order as if it were part of the model. They live for one call: nothing stays on modules.
+    """
+
+    attention_input: dict[int, Callable[..., None]] = field(default_factory=dict)
+    layer_output: dict[int, Callable[[torch.Tensor], None]] = field(default_factory=dict)
 
 
 class RMSNorm(nn.Module):
@@ -87,10 +104,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, *, mask=None, cu_seqlens=None, kv_cache=None):
-        x = x + self.self_attn(
-            self.input_layernorm(x), cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache
-        )
+    def forward(self, x, cos, sin, *, mask=None, cu_seqlens=None, kv_cache=None, tap=None):
+        h = self.input_layernorm(x)
+        if tap is not None:  # a DecoderTaps.attention_input entry
+            tap(h, cos, sin)
+        x = x + self.self_attn(h, cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -114,13 +132,19 @@ class TextModel(nn.Module):
         mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        taps: DecoderTaps | None = None,
     ) -> torch.Tensor:
         """x [B, T, E] embeddings, cos/sin [B, T, D] -> final hidden states [B, T, E]."""
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and kv_cache is None:
+        taps = taps or DecoderTaps()
+        for i, layer in enumerate(self.layers):
+            tap = taps.attention_input.get(i)
+            # A tapped layer runs whole: recomputing it in backward would call its tap again.
+            if self.gradient_checkpointing and self.training and kv_cache is None and tap is None:
                 x = torch.utils.checkpoint.checkpoint(
                     layer, x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, use_reentrant=False
                 )
             else:
-                x = layer(x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache)
+                x = layer(x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache, tap=tap)
+            if i in taps.layer_output:
+                taps.layer_output[i](x)
         return self.norm(x)

@@ -11,7 +11,10 @@ is byte-identical for the same seed, and asking for more samples only appends to
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,3 +123,37 @@ def conversation(
 
 def _save(image: Image.Image, path: Path) -> None:
     image.save(path, format="PNG", optimize=False)  # no metadata: same pixels, same bytes
+
+
+# ---- `qwen2vl synth-data` ---------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`qwen2vl synth-data --out DIR --seed S --n N [--n-task TASK=N ...]`: N samples per task
+    (or the given count for a task) as data.jsonl + media/ in DIR; prints the counts."""
+    p.add_argument("--out", required=True, help="directory for data.jsonl and media/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=100, help="samples per task")
+    p.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=ALL_TASKS)
+    p.add_argument(
+        "--n-task", nargs="+", default=[], metavar="TASK=N", help="another count for some tasks"
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    n_per_task = dict.fromkeys(args.tasks, args.n)
+    for item in args.n_task:
+        task, _, n = item.partition("=")
+        if task not in args.tasks or not n.isdigit():
+            print(f"error: --n-task wants TASK=N, TASK one of {args.tasks}; got {item!r}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        n_per_task[task] = int(n)
+    path = generate_dataset(args.out, n_per_task=n_per_task, seed=args.seed, tasks=args.tasks)
+    with open(path, encoding="utf-8") as f:
+        counts = Counter(json.loads(line)["task"] for line in f)
+    for task in args.tasks:
+        print(f"{task:16s} {counts[task]}")
+    print(f"{'total':16s} {sum(counts.values())}  -> {path}")
+    return 0

@@ -1,14 +1,14 @@
-"""`python -m qwen2vl.synth.package BUILD_DIR`: the last step of scripts/train_default_model.sh.
+"""Packaging: the last step of the recipe (`synth/build.py`).
 
 Reads what the recipe left in BUILD_DIR (each run's metrics.jsonl, the eval answers, the log)
 and writes beside the final model: `metrics.jsonl` (all language-model steps in one sequence,
 with the run each came from), `loss.png` (that curve, runs marked), `eval.md` (the eval table).
-At scale 1 it then installs the model and these files as the package's default model.
+At scale 1 it then installs the model, these files and the model card (`model_card.md`, as
+README.md) as the package's default model.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -28,6 +28,7 @@ MODEL_FILES = (
     "tokenizer_config.json",
 )
 NOTES = ("train.log", "metrics.jsonl", "loss.png", "eval.md", "vision_pretrain.jsonl")
+MODEL_CARD = Path(__file__).parent / "model_card.md"  # installed as the model's README.md
 
 
 def combined_metrics(build: Path) -> list[dict]:
@@ -75,20 +76,7 @@ def package(build: Path, *, install: bool) -> Path:
     target.mkdir(parents=True)
     for name in MODEL_FILES + NOTES:
         shutil.copyfile(final / name, target / name)
+    shutil.copyfile(MODEL_CARD, target / "README.md")
     # The bundled tokenizer (5 MB) is the model's: a link keeps one copy in the repository.
     (target / "tokenizer.json").symlink_to(Path("..") / "tokenizer.json")
     return target
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qwen2vl.synth.package", description=__doc__)
-    p.add_argument("build", help="the recipe's build directory")
-    p.add_argument("--scale", type=float, default=1.0, help="the recipe's scale (1 installs)")
-    args = p.parse_args(argv)
-    where = package(Path(args.build), install=args.scale == 1.0)
-    print(f"packaged: {where}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Vision pretraining: the default model's ViT (and merger) learn to see the synthetic world.
 
-    qwen2vl pretrain-vision --model INIT --output OUT [--steps N --batch B --lr LR --seed S]
+    pretrain_vision(PretrainConfig(model=INIT, output=OUT, steps=N, batch=B, lr=LR, seed=S))
 
 The real Qwen2-VL does not train its vision tower from nothing: it starts from DFN's CLIP ViT.
 A ViT trained from random weights only through the language model learns slowly (measured on
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen2vl.processor import Processor, load_processor
+from qwen2vl.synth.box_regression import box_loss
 from qwen2vl.synth.dataset import conversation, make_sample
 from qwen2vl.synth.labels import (
     BOX_DIGITS,
@@ -43,23 +44,14 @@ from qwen2vl.synth.labels import (
     scene_labels,
 )
 from qwen2vl.synth.tasks import ALL_TASKS
-from qwen2vl.train.box_regression import box_loss
 from qwen2vl.train.checkpoint import copy_processor_files
 from qwen2vl.train.optim import adamw
 from qwen2vl.weights import load_model, save_pretrained
 
 log = logging.getLogger("qwen2vl.synth.pretrain")
 # Loss weights (1 when absent). The summed gradient is clipped as one, so a head's weight is its
-# share of every step: the lone object's shape is labelled on few items per batch and was not
-# learnt at weight 1 (loss 1.16 of 1.61 at chance after 2000 steps); count at weight 3 took a
-# probe on the pooled features from 60 to 71 % (measured); and the four text heads'
-# large losses crowd out the rest (at 0.25 every vision head ended lower, measured). Box and
-# place are what grounding reads; on the ramped canvas they fell from chance (where 0.22, box
-# 0.18 L1) to 0.03 and 0.044 with the box digits beside them (measured). The box loss is
-# relative to the object's size (`box_loss`; weight 2 is the former weight 4 on absolute L1
-# for an object half the image's side): a probe reading the target's box from the ViT's tokens
-# met IoU >= 0.5 on 85.5 % of held-out grounding targets, 81 % with absolute L1 (objects under
-# 16 pixels: 54 vs 47 %, measured).
+# share of every step: rarely labelled heads (a lone object's shape, the count) need more, the
+# four text heads' large losses would crowd out the rest; NOTES.md has the measurements.
 LOSS_WEIGHTS = {
     "shape": 4.0,
     "count": 3.0,
@@ -80,13 +72,13 @@ class PretrainConfig:
     lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.0
-    # scenes drawn and processed up front (~0.23 MB each). 7000 were seen 12 times each in the
-    # recipe and count overfitted (train loss 0.12, VLM count 68.5 %); 24000: 77.5 % (measured)
+    # scenes drawn and processed up front (~0.23 MB each); too few, seen many times each, and
+    # counting overfits
     pool: int = 24000
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: list(ALL_TASKS))
-    # a task's share of the pool relative to the others (1 when absent). The two video tasks
-    # hold 63 % of an equal pool's patches, so they cost most of a step (measured)
+    # a task's share of the pool relative to the others (1 when absent); videos cost the most
+    # patches per item
     task_weights: dict[str, float] = field(default_factory=dict)
     log_every: int = 50
 
@@ -118,9 +110,7 @@ class _Item:
 class Heads(nn.Module):
     """Linear readouts of the merger's output tokens: per token, and per item through attention
     pooling (each item head weighs the item's tokens by its own learnt score, as an LLM head
-    attending to the picture can). With a plain mean the shape of a lone object was not learnt:
-    a probe on the pooled features of such a ViT read 46 % of shapes, while the same ViT trained
-    through attention pooling on a shape label reached 95 % in 1,200 steps (measured)."""
+    attending to the picture can; with a plain mean a lone object's shape was not learnt)."""
 
     def __init__(self, width: int):
         super().__init__()

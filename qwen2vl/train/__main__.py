@@ -1,6 +1,8 @@
 """`python -m qwen2vl.train ...` (what torchrun runs): the same options as `qwen2vl train`."""
 
-from qwen2vl.train.cli import main
+import sys
+
+from qwen2vl.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(prog="python -m qwen2vl.train"))
+    raise SystemExit(main(["train", *sys.argv[1:]]))

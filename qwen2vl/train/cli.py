@@ -11,7 +11,6 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
 
 from qwen2vl.errors import Qwen2VLError
 
@@ -60,14 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=S, help="checkpoint directory, or 'auto' for the latest")
     p.add_argument("--gradient-checkpointing", action=flag, default=S)
     p.add_argument("--bf16", action=flag, default=S, help="bf16 autocast (fp32 weights)")
-    p.add_argument(
-        "--lump-zero-rows",
-        action=flag,
-        default=S,
-        help="score the output embedding's all-zero rows (tokens not in the batch) as one "
-        "shared logit: the same loss, far cheaper for a model trained from scratch on few "
-        "tokens (qwen2vl init --vocab-data); those rows stay zero until their token occurs",
-    )
     p.add_argument("--save-every", type=int, default=S, help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", type=int, default=S)
     p.add_argument("--save-dtype", choices=["float32", "bfloat16", "float16"], default=S)
@@ -76,49 +67,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default=S, help="under torchrun")
     p.add_argument("--device", default=S, help="auto, cpu or cuda")
     p.add_argument("--log-every", type=int, default=S)
-    p.add_argument(
-        "--box-attention",
-        type=float,
-        default=S,
-        help="weight of the box-attention loss (0: off): while a grounding answer starts its box, "
-        "chosen heads of one LLM layer are taught to attend to the image tokens the box covers",
-    )
-    p.add_argument("--box-attention-layer", type=int, default=S, help="default: the middle one")
-    p.add_argument(
-        "--box-attention-heads", default=S, help="comma list (default: one per key/value head)"
-    )
-    p.add_argument(
-        "--box-attention-tokens",
-        type=int,
-        default=S,
-        help="answer positions supervised from <|box_start|> on (default 2)",
-    )
-    p.add_argument(
-        "--box-regression",
-        type=float,
-        default=S,
-        help="weight of the box-regression loss (0: off): while a grounding answer writes its "
-        "box, a linear head on one LLM layer's output is taught the box's corners",
-    )
-    p.add_argument(
-        "--box-regression-layer",
-        type=int,
-        default=S,
-        help="the layer whose output the head reads (default: the third from last; the first in "
-        "a model of under 3 layers)",
-    )
+    p.set_defaults(run=run)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "qwen2vl train") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = vars(parser.parse_args(argv))
+def run(args: argparse.Namespace) -> int:
     _setup_logging()
     from qwen2vl.train.config import load_config
     from qwen2vl.train.loop import train, validate
 
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "config")}
     try:
-        cfg = load_config(args.pop("config"), **args)
+        cfg = load_config(args.config, **options)
         cfg.require_paths()
         if cfg.validate_only:
             _, report = validate(cfg)

@@ -49,8 +49,6 @@ class TrainConfig:
     resume: str | None = None  # a checkpoint directory, or "auto" for the latest in output
     gradient_checkpointing: bool = False
     bf16: bool = False  # bf16 autocast; weights and optimizer stay float32
-    # score the output embedding's all-zero rows as one logit (exact loss; see vocab.py)
-    lump_zero_rows: bool = False
     save_every: int = 0  # steps between checkpoints; 0: only the final model
     keep_checkpoints: int | None = None  # keep only the newest N checkpoint-STEP directories
     save_dtype: str = "float32"  # dtype of the saved Hugging Face weights
@@ -59,26 +57,11 @@ class TrainConfig:
     strategy: str = "ddp"  # with several processes: "ddp" or "fsdp" (FSDP2 fully_shard)
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu
     log_every: int = 1
-    # box attention (box_attention.py): weight of the loss, 0 = off; the layer (None: the middle
-    # one), its supervised query heads (None: one per key/value group) and answer positions
-    box_attention: float = 0.0
-    box_attention_layer: int | None = None
-    box_attention_heads: list[int] | None = None
-    box_attention_tokens: int = 2
-    # box regression (box_regression.py): weight of the loss, 0 = off; the layer whose output a
-    # head reads the box from (None: the third from last, or the first of a smaller model)
-    box_regression: float = 0.0
-    box_regression_layer: int | None = None
 
     def __post_init__(self) -> None:
         self.freeze = None if self.freeze is None else _as_list(self.freeze, "freeze")
         self.lora_targets = _as_list(self.lora_targets, "lora_targets")
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
-        if self.box_attention_heads is not None:
-            heads = self.box_attention_heads
-            if isinstance(heads, str):
-                heads = _as_list(heads, "box_attention_heads")
-            self.box_attention_heads = [_as_int(h, "box_attention_heads") for h in heads]
         checks = [
             (self.stage in STAGES, "stage", f"one of {STAGES}"),
             (set(self.lora_targets) <= set(LORA_TARGETS), "lora_targets", f"from {LORA_TARGETS}"),
@@ -96,9 +79,6 @@ class TrainConfig:
             (self.grad_clip >= 0 and self.warmup_steps >= 0, "grad_clip/warmup_steps", ">= 0"),
             (self.save_every >= 0 and self.log_every >= 1, "save_every/log_every", ">= 0 / >= 1"),
             (len(self.adam_betas) == 2, "adam_betas", "two numbers"),
-            (self.box_attention >= 0, "box_attention", ">= 0"),
-            (self.box_attention_tokens >= 1, "box_attention_tokens", ">= 1"),
-            (self.box_regression >= 0, "box_regression", ">= 0"),
         ]
         for ok, name, want in checks:
             if not ok:
@@ -168,15 +148,6 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
             values["resume"] = str(base / values["resume"])
     values.update({k.replace("-", "_"): v for k, v in overrides.items()})
     return TrainConfig.from_dict(values)
-
-
-def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, (bool, float)):
-        raise ConfigError(f"train config: {name} must hold integers, got {value!r}")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"train config: {name} must hold integers, got {value!r}") from None
 
 
 def _as_list(value: Any, name: str) -> list[str]:

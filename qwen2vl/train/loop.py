@@ -11,12 +11,16 @@ split over rows, micro-batches and processes.
 Randomness (LoRA dropout) is seeded per packed row from (seed, epoch, row), so a resumed run, or
 one on another number of processes, draws the same numbers for the same row: restoring the data
 position restores the random stream.
+
+Anything beyond the next-token loss (auxiliary losses, another way to score the vocabulary)
+plugs in as an `Objective` (objective.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +29,10 @@ import torch
 
 from qwen2vl.errors import CheckpointError, ConfigError
 from qwen2vl.model.qwen2vl import Qwen2VL
+from qwen2vl.model.text import DecoderTaps
 from qwen2vl.processor import load_processor
-from qwen2vl.tokenizer import Tokenizer
 from qwen2vl.train import checkpoint as ckpt
 from qwen2vl.train import distributed as D
-from qwen2vl.train.box_attention import BoxAttention, plan_box_attention
-from qwen2vl.train.box_regression import BoxRegression, plan_box_regression
 from qwen2vl.train.config import TrainConfig
 from qwen2vl.train.data import (
     ConversationData,
@@ -43,7 +45,8 @@ from qwen2vl.train.data import (
     validate_file,
 )
 from qwen2vl.train.metrics import MetricsLog, Progress, plot_loss, read_metrics
-from qwen2vl.train.optim import adamw, build_optimizer, lr_at, set_lr
+from qwen2vl.train.objective import Objective, Run
+from qwen2vl.train.optim import build_optimizer, lr_at, set_lr
 from qwen2vl.train.packing import (
     PackSchedule,
     collate,
@@ -52,7 +55,6 @@ from qwen2vl.train.packing import (
     target_positions,
 )
 from qwen2vl.train.stages import TrainableReport, configure_trainable
-from qwen2vl.train.vocab import LiveRows, lumped_loss_sum, zero_rows
 from qwen2vl.weights import load_model
 
 log = logging.getLogger("qwen2vl.train")
@@ -96,27 +98,31 @@ def validate(cfg: TrainConfig, env: D.DistEnv | None = None) -> tuple[Conversati
 
 
 def train(
-    cfg: TrainConfig, *, model: Qwen2VL | None = None, data: TrainData | None = None
+    cfg: TrainConfig,
+    *,
+    model: Qwen2VL | None = None,
+    data: TrainData | None = None,
+    objectives: Sequence[Objective] = (),
 ) -> TrainResult:
     """Run (or resume) a training run. `model` / `data` replace loading cfg.model / cfg.data
-    (a given model must hold the same frozen weights when a run is resumed)."""
+    (a given model must hold the same frozen weights when a run is resumed); `objectives` add
+    to what is optimised (objective.py)."""
     env = D.setup(cfg.device)
     try:
         if cfg.validate_only:
             validate(cfg, env)
             return TrainResult(Path(cfg.output), 0)
-        return Trainer(cfg, env, model=model, data=data).run()
+        return Trainer(cfg, env, model=model, data=data, objectives=objectives).run()
     finally:
         D.teardown(env)
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: D.DistEnv, *, model=None, data=None):
+    def __init__(self, cfg: TrainConfig, env: D.DistEnv, *, model=None, data=None, objectives=()):
         if not cfg.output or (model is None and not cfg.model) or (data is None and not cfg.data):
             raise ConfigError("train: output, and model and data (paths or objects), are needed")
         self.cfg, self.env, self.out = cfg, env, Path(cfg.output)
-        if cfg.lump_zero_rows and env.world > 1 and cfg.strategy == "fsdp":
-            raise ConfigError("lump_zero_rows reads whole embedding rows: not with fsdp")
+        self.objectives = list(objectives)
         if env.main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.out)
@@ -127,15 +133,10 @@ class Trainer:
         self.rows_per_step, self.accum = self._step_shape(resume)
         if resume is not None:
             self._load_trainable(resume)
-        self.tokenizer = None  # read only by the box losses
-        if cfg.box_attention or cfg.box_regression:
-            self.tokenizer = getattr(getattr(self.data, "processor", None), "tokenizer", None)
-            if self.tokenizer is None:
-                self.tokenizer = Tokenizer.from_dir(cfg.model or None)
-        self.box = self._box_attention()
-        self.regress, self.regress_optimizer = self._box_regression()
-        self.live = LiveRows(self.net.lm_head.weight) if cfg.lump_zero_rows else None
-        self.engine = D.wrap(self.net, env, cfg.strategy)
+        self.run_info = Run(cfg, env, self.net, self.data)
+        for objective in self.objectives:
+            objective.prepare(self.run_info)
+        self.engine = self.run_info.engine = D.wrap(self.net, env, cfg.strategy)
         self.optimizer = build_optimizer(
             self.engine, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas
         )
@@ -172,67 +173,7 @@ class Trainer:
         net.visual.gradient_checkpointing = cfg.gradient_checkpointing
         if self.env.main:
             log.info("stage %d: %s", cfg.stage, self.trainable.summary())
-            if cfg.lump_zero_rows:
-                zero = int(zero_rows(net.lm_head.weight).sum())
-                log.info("lump_zero_rows: %d of %d output rows are zero, scored as one logit "
-                         "until their token occurs", zero, net.cfg.text.vocab_size)  # fmt: skip
         return net.train()
-
-    def _box_attention(self) -> BoxAttention | None:
-        """The box-attention hook on its layer (cfg.box_attention > 0), else None."""
-        cfg, text = self.cfg, self.net.cfg.text
-        if not cfg.box_attention:
-            return None
-        if cfg.gradient_checkpointing or (self.env.distributed and cfg.strategy == "fsdp"):
-            raise ConfigError(
-                "box_attention cannot be combined with gradient_checkpointing or fsdp"
-            )
-        layer = (
-            text.num_hidden_layers // 2
-            if cfg.box_attention_layer is None
-            else cfg.box_attention_layer
-        )
-        if not 0 <= layer < text.num_hidden_layers:
-            raise ConfigError(
-                f"box_attention_layer {layer}: the model has {text.num_hidden_layers} layers"
-            )
-        group = text.num_attention_heads // text.num_key_value_heads
-        heads = cfg.box_attention_heads
-        if heads is None:  # one query head per key/value head
-            heads = list(range(0, text.num_attention_heads, group))
-        if not heads or any(not 0 <= h < text.num_attention_heads for h in heads):
-            raise ConfigError(
-                f"box_attention_heads {heads}: the model has {text.num_attention_heads} heads"
-            )
-        if self.env.main:
-            log.info("box attention: layer %d, heads %s, %d answer positions, weight %g",
-                     layer, heads, cfg.box_attention_tokens, cfg.box_attention)  # fmt: skip
-        return BoxAttention(self.net.model.layers[layer], heads)
-
-    def _box_regression(self) -> tuple[BoxRegression | None, torch.optim.Optimizer | None]:
-        """The box-regression head on its layer and the head's own optimizer (cfg.box_regression
-        > 0), else (None, None)."""
-        cfg, text = self.cfg, self.net.cfg.text
-        if not cfg.box_regression:
-            return None, None
-        if cfg.gradient_checkpointing:
-            raise ConfigError("box_regression cannot be combined with gradient_checkpointing")
-        layer = (
-            max(0, text.num_hidden_layers - 3)
-            if cfg.box_regression_layer is None
-            else cfg.box_regression_layer
-        )
-        if not 0 <= layer < text.num_hidden_layers:
-            raise ConfigError(
-                f"box_regression_layer {layer}: the model has {text.num_hidden_layers} layers"
-            )
-        torch.manual_seed(cfg.seed)  # the head's initial weights
-        head = BoxRegression(self.net.model.layers[layer], text.hidden_size).to(self.env.device)
-        if self.env.main:
-            log.info("box regression: a head on layer %d's output, weight %g",
-                     layer, cfg.box_regression)  # fmt: skip
-        optimizer = adamw(head.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=0.0)
-        return head, optimizer
 
     def _find_resume(self) -> ckpt.Checkpoint | None:
         if not self.cfg.resume:
@@ -330,13 +271,11 @@ class Trainer:
         epoch, first, rows = self.schedule.rows(step)
         info = self.data.info
         targets = sum(info[i].targets for row in rows for i in row)
-        # box attention: summed -log mass, supervised (query, head)s; box regression: summed
-        # relative error, positions
-        total, box = 0.0, [0.0, 0.0, 0.0, 0.0]
+        total = 0.0
         for m in range(self.accum):
             j = m * env.world + env.rank  # interleaved, so a short last step spreads over ranks
             row = rows[j] if j < len(rows) else []  # none left: the dummy row, for collectives
-            total += self._micro(row, epoch, first + j, targets, box, sync=m == self.accum - 1)
+            total += self._micro(row, epoch, first + j, targets, sync=m == self.accum - 1)
         params = [p for p in self.engine.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
         lr = lr_at(
@@ -345,23 +284,14 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.live is not None:
-            self.live.update(self.net.lm_head.weight, env)
-        if self.regress is not None:  # its own optimizer: the model's stays as saved and resumed
-            D.average_grads(self.regress.parameters(), env)
-            set_lr(self.regress_optimizer, lr)
-            self.regress_optimizer.step()
-            self.regress_optimizer.zero_grad(set_to_none=True)
+        for objective in self.objectives:
+            objective.after_step(self.run_info, lr)
         (total,) = D.all_reduce_sum([total], env)
         tokens = sum(info[i].tokens for row in rows for i in row)
         seconds = time.monotonic() - t0
         extra = {}
-        if self.box is not None or self.regress is not None:
-            box = D.all_reduce_sum(box, env)
-        if self.box is not None:
-            extra["box_attention"] = box[0] / box[1] if box[1] else None
-        if self.regress is not None:
-            extra["box_regression"] = box[2] / box[3] if box[3] else None
+        for objective in self.objectives:
+            extra |= objective.metrics(self.run_info)
         return extra | {
             "step": step + 1,
             "epoch": epoch,
@@ -375,54 +305,37 @@ class Trainer:
             "time": time.time(),
         }
 
-    def _micro(
-        self, row: list[int], epoch: int, index: int, targets: int, box: list[float], *, sync: bool
-    ) -> float:
-        """Forward and backward of one packed row; returns its summed loss (the box-attention
-        and box-regression losses, when on, are added into `box` as [sum, count, sum, count])."""
+    def _micro(self, row: list[int], epoch: int, index: int, targets: int, *, sync: bool) -> float:
+        """Forward and backward of one packed row; returns its summed token loss."""
         batch = collate([self.data[i] for i in row], self.net.cfg)
-        if self.box is not None:
-            self.box.plan = plan_box_attention(
-                batch,
-                self.tokenizer,
-                image_token_id=self.net.cfg.image_token_id,
-                merge=self.net.cfg.vision.spatial_merge_size,
-                tokens=self.cfg.box_attention_tokens,
-            )
-        if self.regress is not None:
-            self.regress.plan = plan_box_regression(batch, self.tokenizer)
+        for objective in self.objectives:
+            objective.look(batch)
         torch.manual_seed(_row_seed(self.cfg.seed, epoch, index))
-        device = self.env.device
         with D.gradient_sync(self.engine, sync):
             keep = target_positions(batch.targets)
-            inputs = batch.model_inputs(device)
-            rows = None
-            if self.live is not None:
-                rows = self.live.rows(inputs["input_ids"])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                logits = self.engine(**inputs, logits_to_keep=keep, vocab_rows=rows).logits
-            if rows is None:
-                loss = loss_sum(logits, batch.targets[keep])
-            else:
-                vocab = self.net.cfg.text.vocab_size
-                loss = lumped_loss_sum(logits, batch.targets[keep], rows, vocab)
-            objective = loss
-            if self.box is not None:
-                nll = self.box.take()
-                if nll is not None:
-                    objective = loss + self.cfg.box_attention * nll
-                    box[0] += float(nll.detach())
-                    box[1] += len(self.box.plan.queries) * len(self.box.heads)
-                self.box.plan = None  # before backward: no loss from recomputed forwards
-            if self.regress is not None:
-                nll = self.regress.take()
-                if nll is not None:
-                    objective = objective + self.cfg.box_regression * nll
-                    box[2] += float(nll.detach())
-                    box[3] += len(self.regress.plan[0])
-                self.regress.plan = None
-            (objective * self.env.world / max(targets, 1)).backward()
+            inputs = batch.model_inputs(self.env.device)
+            taps = DecoderTaps()
+            for objective in self.objectives:
+                objective.tap(taps)
+            loss = self._token_loss(inputs, keep, batch.targets[keep], taps)
+            total = loss
+            for objective in self.objectives:
+                extra = objective.loss()
+                if extra is not None:
+                    total = total + extra
+            (total * self.env.world / max(targets, 1)).backward()
         return float(loss.detach())
+
+    def _token_loss(self, inputs, keep, targets, taps) -> torch.Tensor:
+        """Summed next-token loss at positions `keep`: an objective's way, else every row's."""
+        for objective in self.objectives:
+            loss = objective.token_loss(self.run_info, inputs, keep, targets, taps)
+            if loss is not None:
+                return loss
+        device = self.env.device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            logits = self.engine(**inputs, logits_to_keep=keep, taps=taps).logits
+        return loss_sum(logits, targets)
 
     # -- saving ---------------------------------------------------------------------------------
 

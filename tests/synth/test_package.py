@@ -7,7 +7,16 @@ import json
 
 from PIL import Image
 
-from qwen2vl.synth.package import FINAL, RUNS, combined_metrics, eval_table, package
+from qwen2vl.synth import package as package_module
+from qwen2vl.synth.package import (
+    FINAL,
+    MODEL_CARD,
+    MODEL_FILES,
+    RUNS,
+    combined_metrics,
+    eval_table,
+    package,
+)
 
 
 def fake_build(root):
@@ -49,3 +58,14 @@ def test_package_writes_the_notes_beside_the_final_model(tmp_path):
     assert (final / "eval.md").read_text().startswith("| task |")
     assert (final / "train.log").read_text() == "log\n"
     assert (final / "vision_pretrain.jsonl").is_file()
+
+
+def test_install_copies_the_model_card_as_readme(tmp_path, monkeypatch):
+    fake_build(tmp_path / "build")
+    for name in MODEL_FILES:
+        (tmp_path / "build" / FINAL / name).write_text(name)
+    target = tmp_path / "assets" / "Tiny"
+    monkeypatch.setattr(package_module, "DEFAULT_MODEL_DIR", target)  # not the real assets
+    assert package(tmp_path / "build", install=True) == target
+    assert (target / "README.md").read_text() == MODEL_CARD.read_text()
+    assert (target / "config.json").read_text() == "config.json"

@@ -101,7 +101,7 @@ def test_resume_refuses_a_checkpoint_of_another_stage(run_files, reference, tmp_
 KILLABLE = """
 import pathlib, sys, time
 import qwen2vl.train.checkpoint as ckpt
-from qwen2vl.train.cli import main
+from qwen2vl.cli import main
 
 calls = []
 flatten = ckpt.flatten_optimizer_state
@@ -114,7 +114,7 @@ def slow(state):  # the second save: model and trainable weights written, optimi
     return flatten(state)
 
 ckpt.flatten_optimizer_state = slow
-raise SystemExit(main(sys.argv[2:]))
+raise SystemExit(main(["train", *sys.argv[2:]]))
 """
 
 

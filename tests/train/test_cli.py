@@ -6,10 +6,15 @@ import pytest
 import torch
 
 import qwen2vl
+from qwen2vl.cli import main as qwen2vl_main
 from qwen2vl.errors import ConfigError
 from qwen2vl.train import load_config
-from qwen2vl.train.cli import main
 from qwen2vl.train.metrics import read_metrics
+
+
+def main(argv: list[str]) -> int:
+    """`qwen2vl train ARGV`."""
+    return qwen2vl_main(["train", *argv])
 
 
 def test_config_file_with_flags_on_top(tmp_path):

@@ -1,13 +1,12 @@
 """torchrun with 2 processes on CPU (gloo): DDP and FSDP2 give the one-process losses for the same
-global batch (also with the box-regression head, which lives outside the wrapped model), and
-checkpoints resume across process counts (2 -> 1 and 1 -> 2); lumped zero rows stay exact."""
+global batch, and checkpoints resume across process counts (2 -> 1 and 1 -> 2). The recipe's
+objectives under torchrun: tests/synth/test_distributed.py."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -94,69 +93,3 @@ def test_fsdp2_resumes_a_one_process_checkpoint_on_two(files, single, tmp_path):
         final.state_dict().items(), reference.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_box_regression_head_is_averaged_over_ranks(tiny_ckpt, tmp_path, helpers, strategy):
-    """The head lives outside the wrapped model: its gradients are averaged by hand. A head
-    that drifted apart on each rank would move the model differently from step 2 on."""
-    data = helpers.write_grounding(tmp_path, 8)
-    # a row of text alone: that rank has no box loss in its step and must still join the average
-    text_only = json.dumps(helpers.conversation(None, "Count.", " ".join(["one"] * 60)))
-    data.write_text(data.read_text() + text_only + "\n")
-    torch.set_num_threads(1)
-    cfg = TrainConfig(model=str(tiny_ckpt), data=str(data), output=str(tmp_path / "one"),
-                      grad_accum=2, box_regression=1.0, **OPTIONS)  # fmt: skip
-    one = train(cfg).losses
-    two = torchrun(tiny_ckpt, data, tmp_path / strategy, f"--strategy={strategy}",
-                   "--box-regression=1.0")  # fmt: skip
-    assert two == pytest.approx(one, rel=1e-5)
-    records = read_metrics(tmp_path / strategy / "metrics.jsonl")
-    assert all(r["box_regression"] is not None for r in records)
-
-
-
-def test_ddp_with_lumped_rows_matches_one_process(files, tmp_path):
-    model, data = files
-    zeroed = tmp_path / "zeroed"
-    net = qwen2vl.load_model(model)
-    with torch.no_grad():
-        net.lm_head.weight.zero_()  # every row lumped until its token occurs
-    qwen2vl.save_pretrained(net, zeroed)
-    torch.set_num_threads(1)
-    cfg = TrainConfig(model=str(zeroed), data=str(data), output=str(tmp_path / "one"),
-                      grad_accum=2, lump_zero_rows=True, **OPTIONS)  # fmt: skip
-    one = train(cfg).losses
-    two = torchrun(zeroed, data, tmp_path / "ddp", "--strategy=ddp", "--lump-zero-rows")
-    assert two == pytest.approx(one, rel=1e-5)
-
-
-LIVE_ROWS = """
-import os, sys, torch, torch.distributed as dist
-from qwen2vl.train import distributed as D
-from qwen2vl.train.vocab import LiveRows
-env = D.setup("cpu")
-weight = torch.zeros(6, 2)
-live = LiveRows(weight)
-live.rows(torch.tensor([[env.rank + 1]]))  # rank 0's batch holds token 1, rank 1's token 2
-weight[[1, 2]] = 1.0  # the step moved both rows, on both processes
-live.update(weight, env)
-torch.save(live.rows(torch.tensor([[5]])), os.path.join(sys.argv[1], f"{env.rank}.pt"))
-D.teardown(env)
-"""
-
-
-def test_a_row_lifted_from_zero_on_one_rank_is_scored_on_both(tmp_path):
-    """Each process reads only its own batches' rows after a step (vocab.LiveRows); a row that
-    left zero through the other process's batch must be scored here too, or its logit would
-    count as 0 while it is not."""
-    script = tmp_path / "live_rows.py"
-    script.write_text(LIVE_ROWS)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=2", str(script), str(tmp_path)]  # fmt: skip
-    root = str(Path(qwen2vl.__file__).parents[1])  # the package under test, not an installed one
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-4000:]
-    for rank in (0, 1):
-        assert torch.load(tmp_path / f"{rank}.pt").tolist() == [1, 2, 5]

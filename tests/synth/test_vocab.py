@@ -5,40 +5,49 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_qwen2vl import tiny_config
+from tiny_train import one_thread  # noqa: F401 (autouse: tiny matmuls run faster on one thread)
 
 import qwen2vl
-from qwen2vl.cli import main as cli_main
-from qwen2vl.errors import ConfigError, Qwen2VLError
+from qwen2vl.errors import ConfigError
+from qwen2vl.model.text import DecoderTaps
+from qwen2vl.synth.vocab import (
+    LiveRows,
+    LumpedVocab,
+    data_token_ids,
+    lumped_inputs,
+    lumped_loss_sum,
+    scored_rows,
+    zero_unused_rows,
+)
 from qwen2vl.train import SampleList, TrainConfig, train
 from qwen2vl.train import distributed as D
-from qwen2vl.train.init import init_model, write_initial
-from qwen2vl.train.loop import Trainer
+from qwen2vl.train.init import init_model
+from qwen2vl.train.objective import Run
 from qwen2vl.train.packing import collate, loss_sum, target_positions
-from qwen2vl.train.vocab import LiveRows, data_token_ids, lumped_loss_sum, scored_rows
-
-
-def used_ids(samples) -> set[int]:
-    return {i for s in samples for i in s.ids}
 
 
 def zero_unused(model, samples) -> torch.Tensor:
-    """Zero the (tied) rows of the tokens no sample holds; returns which rows those are."""
+    """Zero the rows of the tokens no sample holds; returns which rows those are."""
+    used = {i for s in samples for i in s.ids}
+    zero_unused_rows(model, used)
     unused = torch.ones(model.cfg.text.vocab_size, dtype=torch.bool)
-    unused[sorted(used_ids(samples))] = False
-    with torch.no_grad():
-        model.lm_head.weight[unused] = 0
+    unused[sorted(used)] = False
     return unused
 
 
 def loss_and_grads(model, batch, lumped: bool):
+    """The summed token loss of a packed row as the trainer takes it (LumpedVocab's way or the
+    full vocabulary's) and every parameter's gradient."""
     model.zero_grad()
     keep = target_positions(batch.targets)
     inputs = batch.model_inputs()
     if lumped:
-        rows = scored_rows(model.lm_head.weight, inputs["input_ids"])
-        logits = model(**inputs, logits_to_keep=keep, vocab_rows=rows).logits
-        loss = lumped_loss_sum(logits, batch.targets[keep], rows, model.cfg.text.vocab_size)
+        run = Run(TrainConfig(), D.DistEnv(), model, data=None, engine=model)
+        objective = LumpedVocab()
+        objective.prepare(run)
+        loss = objective.token_loss(run, inputs, keep, batch.targets[keep], DecoderTaps())
     else:
         loss = loss_sum(model(**inputs, logits_to_keep=keep).logits, batch.targets[keep])
     loss.backward()
@@ -94,15 +103,19 @@ def test_rows_that_have_trained_or_occur_in_the_batch_are_scored():
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_logits_of_some_rows_equal_those_columns_of_the_full_logits(tiny64, tie):
-    """Tied, the input embedding reads the rows gathered for the logits when they hold every
-    input id, and the whole table when they do not (or when there are none)."""
+    """lumped_inputs' embeddings and rows, through the model's hidden states, give the full
+    logits' columns `rows`. Tied, the input embedding reads the rows gathered for the logits when
+    they hold every input id, and the whole table when they do not (or when there are none)."""
     model = model64(tiny64, tie).eval()
     inputs = collate(tiny64.samples(2), model.cfg).model_inputs()
+    positions = {k: v for k, v in inputs.items() if not k.startswith("pixel_values")}
     with torch.no_grad():
         full = model(**inputs).logits
         every = torch.unique(inputs["input_ids"])
         for rows in (every, every[1:], torch.tensor([3, 9]), every[:0]):
-            got = model(**inputs, vocab_rows=rows).logits
+            embeds, head = lumped_inputs(model, inputs, rows)
+            hidden = model(**positions, inputs_embeds=embeds, return_hidden=True).hidden
+            got = F.linear(hidden, head)
             torch.testing.assert_close(got, full[..., rows], rtol=1e-5, atol=1e-5)
 
 
@@ -128,9 +141,10 @@ def test_training_with_lumped_rows_learns_and_leaves_unused_rows_at_zero(tiny64,
         unused = zero_unused(model, samples)
         cfg = TrainConfig(
             output=str(tmp_path / str(lump)), stage=3, max_steps=40, lr=1e-2, warmup_steps=5,
-            max_tokens=512, lump_zero_rows=lump,
+            max_tokens=512,
         )  # fmt: skip
-        runs[lump] = train(cfg, model=model, data=SampleList(samples)).losses
+        objectives = [LumpedVocab()] if lump else []
+        runs[lump] = train(cfg, model=model, data=SampleList(samples), objectives=objectives).losses
         rows = model.lm_head.weight.detach()
         assert bool((rows[unused] == 0).all()) == lump
         assert bool((rows[~unused] != 0).any(1).all())
@@ -139,22 +153,17 @@ def test_training_with_lumped_rows_learns_and_leaves_unused_rows_at_zero(tiny64,
     assert lumped[-1] < 0.05 and full[-1] < 0.05
 
 
-def test_lumping_refuses_labels_and_fsdp(tiny64, tmp_path):
-    model = tiny64.model()
-    batch = collate(tiny64.samples(1), model.cfg)
-    inputs = batch.model_inputs()
-    with pytest.raises(Qwen2VLError, match="labels"):
-        model(**inputs, labels=inputs["input_ids"], vocab_rows=torch.arange(4))
-    cfg = TrainConfig(output=str(tmp_path / "out"), lump_zero_rows=True, strategy="fsdp")
+def test_lumping_is_refused_with_fsdp(tiny64):
+    cfg = TrainConfig(strategy="fsdp")
     with pytest.raises(ConfigError, match="fsdp"):
-        Trainer(cfg, D.DistEnv(world=2), model=model, data=SampleList(tiny64.samples(1)))
-    assert not (tmp_path / "out").exists()
+        LumpedVocab().prepare(Run(cfg, D.DistEnv(world=2), tiny64.model(), data=None))
 
 
-def test_init_zeroes_the_rows_of_tokens_the_data_never_holds(tmp_path, helpers):
+@pytest.mark.parametrize("tie", [False, True])
+def test_zeroing_unused_rows_keeps_the_draw_of_the_tokens_the_data_holds(tmp_path, helpers, tie):
     arch = tmp_path / "arch"
     arch.mkdir()
-    cfg = tiny_config(tie=True, real_vocab=True)
+    cfg = tiny_config(tie=tie, real_vocab=True)
     (arch / "config.json").write_text(json.dumps(cfg.to_hf()))
     data = helpers.write_dataset(tmp_path, n=3)
     processor = qwen2vl.load_processor(arch)
@@ -164,25 +173,23 @@ def test_init_zeroes_the_rows_of_tokens_the_data_never_holds(tmp_path, helpers):
     lines = data.read_text().splitlines()
     assert ids == {i for line in lines for i in encoded(line, processor, data.parent)}
 
-    out = write_initial(arch, tmp_path / "new", seed=3, vocab_data=[data])
-    model, ref = qwen2vl.load_model(out), init_model(cfg, seed=3)
-    emb = model.model.embed_tokens.weight
-    used = torch.zeros(len(emb), dtype=torch.bool)
+    model, ref = zero_unused_rows(init_model(cfg, seed=3), ids), init_model(cfg, seed=3)
+    used = torch.zeros(cfg.text.vocab_size, dtype=torch.bool)
     used[sorted(ids)] = True
-    assert bool((emb[~used] == 0).all()) and torch.equal(emb[used], ref.lm_head.weight[used])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows, drawn = model.get_parameter(name), ref.get_parameter(name)
+        assert bool((rows[~used] == 0).all()) and torch.equal(rows[used], drawn[used]), name
     for (name, p), q in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
         if "embed_tokens" not in name and "lm_head" not in name:
             assert torch.equal(p, q), name  # the other weights: the same draw
 
-    assert cli_main(["init", str(arch), "--output", str(tmp_path / "cli"), "--seed", "3",
-                     "--vocab-data", str(data)]) == 0  # fmt: skip
-    assert torch.equal(qwen2vl.load_model(tmp_path / "cli").model.embed_tokens.weight, emb)
+
+def test_ids_outside_the_vocabulary_or_a_bad_line_are_value_errors(tmp_path, tiny64):
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        zero_unused_rows(tiny64.model(), {3, 64})
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("{not json\n")
-    assert cli_main(["init", str(arch), "--output", str(tmp_path / "x"), "--vocab-data",
-                     str(bad)]) == 2  # fmt: skip
-    assert not (tmp_path / "x").exists()
     bad.write_text(json.dumps({"messages": "not a list"}) + "\n")
+    processor = qwen2vl.load_processor(None)
     with pytest.raises(ValueError, match=r"bad.jsonl:1: expected"):
         data_token_ids([bad], processor)
 

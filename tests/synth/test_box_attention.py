@@ -4,14 +4,22 @@ layer computes, and trainer runs (the head learns; rows without grounding answer
 import numpy as np
 import pytest
 import torch
+from tiny_train import one_thread  # noqa: F401 (autouse: tiny matmuls run faster on one thread)
 
 import qwen2vl
 from qwen2vl.errors import ConfigError
 from qwen2vl.model.rope import mrope_cos_sin
 from qwen2vl.processor import load_processor
+from qwen2vl.synth.box_attention import (
+    BoxAttention,
+    box_attention_nll,
+    box_cells,
+    plan_box_attention,
+)
 from qwen2vl.train import TrainConfig
-from qwen2vl.train.box_attention import box_attention_nll, box_cells, plan_box_attention
+from qwen2vl.train import distributed as D
 from qwen2vl.train.data import encode_conversation
+from qwen2vl.train.objective import Run
 from qwen2vl.train.packing import collate
 
 GROUNDED = (
@@ -115,7 +123,8 @@ def test_loss_is_minus_log_of_the_layers_attention_on_the_box(tiny_ckpt, process
 
 def test_training_moves_the_heads_attention_onto_the_box(tiny_ckpt, tmp_path, helpers):
     data = helpers.write_grounding(tmp_path, 16)
-    _, records = helpers.train_briefly(tiny_ckpt, data, tmp_path / "on", box_attention=1.0)
+    objectives = [BoxAttention(1.0)]
+    _, records = helpers.train_briefly(tiny_ckpt, data, tmp_path / "on", objectives=objectives)
     nll = [r["box_attention"] for r in records]
     assert all(v is not None for v in nll)
     first, last = np.mean(nll[:3]), np.mean(nll[-3:])
@@ -125,29 +134,38 @@ def test_training_moves_the_heads_attention_onto_the_box(tiny_ckpt, tmp_path, he
 def test_without_grounding_answers_training_is_unchanged(tiny_ckpt, make_data, tmp_path, helpers):
     data = make_data(6)
     off, _ = helpers.train_briefly(tiny_ckpt, data, tmp_path / "off")
-    on, records = helpers.train_briefly(tiny_ckpt, data, tmp_path / "on", box_attention=1.0)
+    objectives = [BoxAttention(1.0)]
+    on, records = helpers.train_briefly(tiny_ckpt, data, tmp_path / "on", objectives=objectives)
     assert on.losses == off.losses
     assert {r["box_attention"] for r in records} == {None}
 
 
+@pytest.mark.parametrize("options", [{"weight": -1.0}, {"weight": float("nan")}, {"tokens": 0}])
+def test_a_bad_weight_or_token_count_is_refused_on_construction(options):
+    with pytest.raises(ConfigError):
+        BoxAttention(**options)
+
+
+def run_of(tiny_ckpt, *, world: int = 1, **options) -> Run:
+    cfg = TrainConfig(model=str(tiny_ckpt), **options)
+    return Run(cfg, D.DistEnv(world=world), qwen2vl.load_model(tiny_ckpt), data=None)
+
+
 @pytest.mark.parametrize(
-    "options",
+    "objective, world, options",
     [
-        {"box_attention_layer": 2},  # the tiny model has layers 0 and 1
-        {"box_attention_heads": [2]},  # and heads 0 and 1
-        {"gradient_checkpointing": True},
+        ({"layer": 2}, 1, {}),  # the tiny model has layers 0 and 1
+        ({"heads": [2]}, 1, {}),  # and heads 0 and 1
+        ({}, 1, {"gradient_checkpointing": True}),
+        ({}, 2, {"strategy": "fsdp"}),
     ],
 )
-def test_impossible_settings_are_config_errors(tiny_ckpt, make_data, tmp_path, helpers, options):
+def test_settings_the_run_cannot_meet_are_refused_by_prepare(tiny_ckpt, objective, world, options):
     with pytest.raises(ConfigError):
-        helpers.train_briefly(tiny_ckpt, make_data(2), tmp_path / "x", box_attention=1.0, **options)
+        BoxAttention(1.0, **objective).prepare(run_of(tiny_ckpt, world=world, **options))
 
 
-def test_config_reads_heads_as_a_comma_list():
-    assert TrainConfig(box_attention_heads="0, 2").box_attention_heads == [0, 2]
-    assert TrainConfig(box_attention_heads=[1]).box_attention_heads == [1]
-    for bad in ("0,two", [0.5], [None]):
-        with pytest.raises(ConfigError):
-            TrainConfig(box_attention_heads=bad)
-    with pytest.raises(ConfigError):
-        TrainConfig(box_attention=-1.0)
+def test_prepare_defaults_to_the_middle_layer_and_one_head_per_key_value_group(tiny_ckpt):
+    objective = BoxAttention(1.0)
+    objective.prepare(run_of(tiny_ckpt, strategy="fsdp"))  # fsdp in one process: no sharding
+    assert (objective.layer, objective.heads) == (1, [0])  # 2 layers; 2 heads share 1 k/v head

@@ -4,13 +4,16 @@ trainer runs (the head learns; rows without grounding answers train exactly as w
 import numpy as np
 import pytest
 import torch
+from tiny_train import one_thread  # noqa: F401 (autouse: tiny matmuls run faster on one thread)
 
 import qwen2vl
 from qwen2vl.errors import ConfigError
 from qwen2vl.processor import load_processor
+from qwen2vl.synth.box_regression import BoxRegression, box_loss, plan_box_regression
 from qwen2vl.train import TrainConfig
-from qwen2vl.train.box_regression import box_loss, plan_box_regression
+from qwen2vl.train import distributed as D
 from qwen2vl.train.data import encode_conversation
+from qwen2vl.train.objective import Run
 from qwen2vl.train.packing import collate
 
 GROUNDED = (
@@ -52,7 +55,8 @@ def test_plan_covers_every_position_an_answer_writes_its_box_from(tiny_ckpt, hel
 
 def test_training_teaches_the_head_the_box(tiny_ckpt, tmp_path, helpers):
     data = helpers.write_grounding(tmp_path, 16)
-    _, records = helpers.train_briefly(tiny_ckpt, data, tmp_path / "on", box_regression=1.0)
+    objectives = [BoxRegression(1.0)]
+    _, records = helpers.train_briefly(tiny_ckpt, data, tmp_path / "on", objectives=objectives)
     error = [r["box_regression"] for r in records]
     assert all(v is not None for v in error)
     first, last = np.mean(error[:3]), np.mean(error[-3:])
@@ -62,16 +66,21 @@ def test_training_teaches_the_head_the_box(tiny_ckpt, tmp_path, helpers):
 def test_without_grounding_answers_training_is_unchanged(tiny_ckpt, make_data, tmp_path, helpers):
     data = make_data(6)
     off, _ = helpers.train_briefly(tiny_ckpt, data, tmp_path / "off")
-    on, records = helpers.train_briefly(tiny_ckpt, data, tmp_path / "on", box_regression=1.0)
+    objectives = [BoxRegression(1.0)]
+    on, records = helpers.train_briefly(tiny_ckpt, data, tmp_path / "on", objectives=objectives)
     assert on.losses == off.losses
     assert {r["box_regression"] for r in records} == {None}
 
 
-@pytest.mark.parametrize("options", [{"box_regression_layer": 2}, {"gradient_checkpointing": True}])
-def test_impossible_settings_are_config_errors(tiny_ckpt, make_data, tmp_path, helpers, options):
+@pytest.mark.parametrize("weight", [-1.0, float("nan")])
+def test_a_bad_weight_is_refused_on_construction(weight):
     with pytest.raises(ConfigError):
-        helpers.train_briefly(
-            tiny_ckpt, make_data(2), tmp_path / "x", box_regression=1.0, **options
-        )
-    with pytest.raises(ConfigError):
-        TrainConfig(box_regression=-1.0)
+        BoxRegression(weight)
+
+
+@pytest.mark.parametrize("layer, options", [(2, {}), (None, {"gradient_checkpointing": True})])
+def test_settings_the_run_cannot_meet_are_refused_by_prepare(tiny_ckpt, layer, options):
+    cfg = TrainConfig(model=str(tiny_ckpt), **options)
+    run = Run(cfg, D.DistEnv(), qwen2vl.load_model(tiny_ckpt), data=None)
+    with pytest.raises(ConfigError):  # the tiny model has layers 0 and 1
+        BoxRegression(1.0, layer=layer).prepare(run)

@@ -1,4 +1,4 @@
-"""Box attention: an auxiliary loss that teaches chosen LLM heads to look at the boxed object.
+"""Box attention: an objective that teaches chosen LLM heads to look at the boxed object.
 
 Letters: T tokens of the packed row, Q supervised query positions, D head dim.
 
@@ -10,11 +10,7 @@ asks each supervised head of one layer to put its attention on the image tokens 
 
 Why: a small LLM learns to *bind* a name to one of several objects very slowly from the answer's
 tokens alone (they hold one or two tokens of signal per sample: once x1 is written, the rest can
-be found by place). Measured on the default model: a grounding-only warm-up (40k questions,
-1,336 steps) boxed 62 % of held-out questions (IoU >= 0.5) with this loss, 48 % without (61 %
-supervising every box position instead of 2); the whole recipe 48.5 % (with twice the grounding
-data) vs 40.5 %, the box on another object than the named one in 12 of 139 answers among several
-objects instead of 47.
+be found by place). What it bought the default model is in NOTES.md.
 
 The targets come from the packed row alone (ids, the box text, the image grid): any grounding
 data in Qwen2-VL's format can use it, no extra fields. Samples with other than one image, or a box
@@ -23,19 +19,24 @@ that is not one ``(x1,y1),(x2,y2)`` pair, are left out.
 
 from __future__ import annotations
 
+import logging
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qwen2vl.errors import ConfigError
+from qwen2vl.grounding import SCALE, parse_box_body
 from qwen2vl.model.qwen2vl import IGNORE_INDEX
 from qwen2vl.model.rope import apply_rotary
+from qwen2vl.model.text import DecoderTaps
 from qwen2vl.tokenizer import BOX_END, BOX_START, Tokenizer
+from qwen2vl.train import distributed as D
+from qwen2vl.train.objective import Objective, Run
 from qwen2vl.train.packing import PackedBatch
 
-BOX = re.compile(r"\((\d+),(\d+)\),\((\d+),(\d+)\)")
+log = logging.getLogger("qwen2vl.train")
 MIN_COVER = 0.2  # a merged cell is the object's when the box covers this much of it
 
 
@@ -104,9 +105,9 @@ def plan_box_attention(
 def answer_boxes(
     ids: list[int], targets: torch.Tensor, tokenizer: Tokenizer, a: int = 0, b: int | None = None
 ) -> list[tuple[int, int, tuple[float, float, float, float]]]:
-    """(position of <|box_start|>, of <|box_end|>, the box in [0, 1)) of each one-box
-    ``(x1,y1),(x2,y2)`` that an answer writes in a packed row's ids[a:b] (next-token `targets`
-    tell what is trained)."""
+    """(position of <|box_start|>, of <|box_end|>, the box in [0, 1)) of each box body holding
+    one box that an answer writes in a packed row's ids[a:b] (next-token `targets` tell what is
+    trained)."""
     b = len(ids) if b is None else b
     box_start, box_end = tokenizer.special_id(BOX_START), tokenizer.special_id(BOX_END)
     found = []
@@ -114,10 +115,10 @@ def answer_boxes(
         if ids[p] != box_start or targets[p] == IGNORE_INDEX:
             continue  # only boxes the sample's answer writes
         end = next((e for e in range(p + 1, b) if ids[e] == box_end), None)
-        match = BOX.fullmatch(tokenizer.decode(ids[p + 1 : end])) if end else None
-        if match is not None:
-            x1, y1, x2, y2 = (int(v) / 1000 for v in match.groups())
-            found.append((p, end, (x1, y1, x2, y2)))
+        boxes = parse_box_body(tokenizer.decode(ids[p + 1 : end])) if end else []
+        if len(boxes) == 1:
+            box = boxes[0]
+            found.append((p, end, (box.x1 / SCALE, box.y1 / SCALE, box.x2 / SCALE, box.y2 / SCALE)))
     return found
 
 
@@ -166,22 +167,81 @@ def box_attention_nll(
     return total
 
 
-class BoxAttention:
-    """Hooks one decoder layer's attention: while a plan is set, each forward adds the plan's
-    loss to ``losses`` (read and clear them around each micro-batch)."""
+class BoxAttention(Objective):
+    """The objective: `weight` times the summed -log attention mass on the boxed object, for
+    `heads` of decoder layer `layer` (default: the middle one; heads: one per key/value group)
+    at the first `tokens` positions of each answer's box."""
 
-    def __init__(self, layer: nn.Module, heads: list[int]):
-        self.heads = heads  # query heads of the layer (the trainer checks the range)
+    name = "box_attention"
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        layer: int | None = None,
+        heads: list[int] | None = None,
+        tokens: int = 2,
+    ):
+        if not weight >= 0 or tokens < 1:
+            raise ConfigError(f"box attention: weight >= 0, tokens >= 1; got {weight}, {tokens}")
+        self.weight, self.layer, self.heads, self.tokens = weight, layer, heads, tokens
         self.plan: BoxAttentionPlan | None = None
         self.losses: list[torch.Tensor] = []
-        layer.self_attn.register_forward_pre_hook(self._hook)
+        self.sums = [0.0, 0.0]  # this step's summed loss, supervised (query, head) pairs
 
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        if self.plan is not None and torch.is_grad_enabled():
-            x, cos, sin = args[:3]
-            self.losses.append(box_attention_nll(module, x, cos, sin, self.plan, self.heads))
+    def prepare(self, run: Run) -> None:
+        cfg, text = run.cfg, run.net.cfg.text
+        if cfg.gradient_checkpointing or (run.env.distributed and cfg.strategy == "fsdp"):
+            raise ConfigError(
+                "box_attention cannot be combined with gradient_checkpointing or fsdp"
+            )
+        if self.layer is None:
+            self.layer = text.num_hidden_layers // 2
+        if not 0 <= self.layer < text.num_hidden_layers:
+            raise ConfigError(
+                f"box_attention layer {self.layer}: the model has {text.num_hidden_layers} layers"
+            )
+        group = text.num_attention_heads // text.num_key_value_heads
+        if self.heads is None:  # one query head per key/value head
+            self.heads = list(range(0, text.num_attention_heads, group))
+        if not self.heads or any(not 0 <= h < text.num_attention_heads for h in self.heads):
+            raise ConfigError(
+                f"box_attention heads {self.heads}: the model has {text.num_attention_heads} heads"
+            )
+        self.attn = run.net.model.layers[self.layer].self_attn
+        self.tokenizer, self.model_cfg = run.tokenizer, run.net.cfg
+        if run.env.main:
+            log.info("box attention: layer %d, heads %s, %d answer positions, weight %g",
+                     self.layer, self.heads, self.tokens, self.weight)  # fmt: skip
 
-    def take(self) -> torch.Tensor | None:
-        """The summed loss of the forwards since the last call (None if none), and clears it."""
+    def look(self, batch: PackedBatch) -> None:
+        self.plan = plan_box_attention(
+            batch,
+            self.tokenizer,
+            image_token_id=self.model_cfg.image_token_id,
+            merge=self.model_cfg.vision.spatial_merge_size,
+            tokens=self.tokens,
+        )
+
+    def tap(self, taps: DecoderTaps) -> None:
+        if self.plan is not None:
+            taps.attention_input[self.layer] = self._on_input
+
+    def _on_input(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            self.losses.append(box_attention_nll(self.attn, x, cos, sin, self.plan, self.heads))
+
+    def loss(self) -> torch.Tensor | None:
         losses, self.losses = self.losses, []
-        return torch.stack(losses).sum() if losses else None
+        plan, self.plan = self.plan, None
+        if not losses:
+            return None
+        nll = torch.stack(losses).sum()
+        self.sums[0] += float(nll.detach())
+        self.sums[1] += len(plan.queries) * len(self.heads)
+        return self.weight * nll
+
+    def metrics(self, run: Run) -> dict[str, float | None]:
+        total, count = D.all_reduce_sum(self.sums, run.env)
+        self.sums = [0.0, 0.0]
+        return {self.name: total / count if count else None}

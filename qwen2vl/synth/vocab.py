@@ -1,13 +1,12 @@
 """Lumped zero rows: a model trained from nothing on a small vocabulary pays for the tokens it uses.
 
-    qwen2vl init ARCH --output DIR --vocab-data train.jsonl    (unused tokens' rows start at 0)
-    qwen2vl train ... --lump-zero-rows
+    zero_unused_rows(model, data_token_ids(files, processor))   (unused tokens' rows start at 0)
+    train(cfg, objectives=[LumpedVocab()])
 
 The default model uses a few hundred of Qwen2's 151,936 tokens, yet a full-vocabulary loss pays
-for all of them: the [targets, V] logits, their softmax and the gradient through them were about
-two thirds of a training step of the 64-wide model (a 2,048-token step: 0.69 s with every row
-scored, 0.30 s lumped, measured on 2 cores). A row of the output embedding that
-is exactly zero gives every position the logit 0, so with Z such rows
+for all of them: the [targets, V] logits, their softmax and the gradient through them are most of
+a training step of a 64-wide model (NOTES.md). A row of the output embedding that is exactly
+zero gives every position the logit 0, so with Z such rows
 
     logsumexp(all logits) = logsumexp(logits of the other rows, log Z)
 
@@ -19,18 +18,24 @@ push it slightly negative).
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from qwen2vl.chat import render_ids
-from qwen2vl.errors import Qwen2VLError
+from qwen2vl.errors import ConfigError, Qwen2VLError
+from qwen2vl.model.qwen2vl import Qwen2VL
+from qwen2vl.model.text import DecoderTaps
 from qwen2vl.processor import Processor
 from qwen2vl.train.data import parse_line, read_jsonl
 from qwen2vl.train.distributed import DistEnv, all_reduce_any
+from qwen2vl.train.objective import Objective, Run
+
+log = logging.getLogger("qwen2vl.train")
 
 
 def zero_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -87,6 +92,92 @@ def lumped_loss_sum(
     if not bool((rows[where.clamp(max=len(rows) - 1)] == targets).all()):
         raise ValueError("a target token is not among the scored rows")
     return F.cross_entropy(logits, where.to(logits.device), reduction="sum")
+
+
+class LumpedVocab(Objective):
+    """The token loss over every row, computed from the rows not zero and one lumped logit.
+
+    With tied weights the input embedding reads the same gathered rows as the output, so the
+    backward scatters into the [V, E] table once, not twice. Not with FSDP (it reads whole rows).
+    """
+
+    name = "lumped_vocab"
+
+    def prepare(self, run: Run) -> None:
+        if run.env.distributed and run.cfg.strategy == "fsdp":
+            raise ConfigError("lumped vocabulary reads whole embedding rows: not with fsdp")
+        weight = run.net.lm_head.weight
+        self.live = LiveRows(weight)
+        if run.env.main:
+            zero = int(zero_rows(weight).sum())
+            log.info("lumped vocabulary: %d of %d output rows are zero, scored as one logit "
+                     "until their token occurs", zero, run.net.cfg.text.vocab_size)  # fmt: skip
+
+    def token_loss(
+        self,
+        run: Run,
+        inputs: dict[str, torch.Tensor],
+        keep: torch.Tensor,
+        targets: torch.Tensor,
+        taps: DecoderTaps,
+    ) -> torch.Tensor:
+        net, device = run.net, run.env.device
+        rows = self.live.rows(inputs["input_ids"])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.cfg.bf16):
+            embeds, head = lumped_inputs(net, inputs, rows)
+            hidden = run.engine(
+                inputs["input_ids"],
+                image_grid_thw=inputs.get("image_grid_thw"),
+                video_grid_thw=inputs.get("video_grid_thw"),
+                position_ids=inputs.get("position_ids"),
+                cu_seqlens=inputs.get("cu_seqlens"),
+                inputs_embeds=embeds,
+                logits_to_keep=keep,
+                return_hidden=True,
+                taps=taps,
+            ).hidden
+            logits = F.linear(hidden, head)
+        return lumped_loss_sum(logits, targets, rows, net.cfg.text.vocab_size)
+
+    def after_step(self, run: Run, lr: float) -> None:
+        self.live.update(run.net.lm_head.weight, run.env)
+
+
+def lumped_inputs(
+    net: Qwen2VL, inputs: dict[str, torch.Tensor], rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input embeddings [1, T, E] with the visual features in, output rows [K, E]) of a packed
+    row: the rows gathered once and, with tied weights, read by the input embedding too."""
+    feats = {}
+    for kind, pixels, grid in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
+        if inputs.get(pixels) is not None:
+            feats[kind] = net.encode_visual(inputs[pixels], inputs[grid])
+    ids = inputs["input_ids"]
+    rows = rows.to(ids.device)
+    head = net.lm_head.weight[rows]
+    token_embeds = None
+    if net.cfg.text.tie_word_embeddings and len(rows):
+        local = torch.searchsorted(rows, ids).clamp(max=len(rows) - 1)
+        if bool((rows[local] == ids).all()):
+            token_embeds = F.embedding(local, head)
+    return net.embed(ids, feats.get("image"), feats.get("video"), token_embeds=token_embeds), head
+
+
+def zero_unused_rows(model: Qwen2VL, vocab: Collection[int]) -> Qwen2VL:
+    """Zero the input and output embedding rows of every token outside `vocab` (in place)."""
+    size = model.cfg.text.vocab_size
+    ids = torch.tensor(sorted(vocab), dtype=torch.long)
+    if len(ids) and not (0 <= int(ids[0]) and int(ids[-1]) < size):
+        raise ValueError(f"vocab ids must lie in [0, {size}): got {int(ids[0])}..{int(ids[-1])}")
+    unused = torch.ones(size, dtype=torch.bool)
+    unused[ids] = False
+    with torch.no_grad():
+        model.model.embed_tokens.weight[unused] = 0.0
+        model.lm_head.weight[unused] = 0.0
+    return model
 
 
 def data_token_ids(paths: Iterable[str | Path], processor: Processor) -> set[int]:
