@@ -11,8 +11,12 @@ from qwen2vl.errors import (
     ToolCallError,
 )
 from qwen2vl.generation import Completion, Pipeline, SamplingParams
+from qwen2vl.generation.load import load_for_inference
 from qwen2vl.media import (
+    ImageSettings,
+    MediaAccess,
     MediaConfig,
+    VideoSettings,
     load_image,
     plan_image,
     plan_video,
@@ -30,7 +34,10 @@ __all__ = [
     "CheckpointError",
     "Completion",
     "ConfigError",
+    "ImageSettings",
+    "MediaAccess",
     "MediaConfig",
+    "VideoSettings",
     "MediaError",
     "MessageError",
     "Pipeline",
@@ -45,6 +52,7 @@ __all__ = [
     "TokenizerError",
     "ToolCallError",
     "VisionConfig",
+    "load_for_inference",
     "load_image",
     "load_model",
     "load_processor",

@@ -7,9 +7,9 @@ qwen2vl tokens [--model DIR] [--image PATH]... [--video PATH]... [FILE...]
 qwen2vl serve [--model DIR] [...]   (qwen2vl serve --help)
 qwen2vl train [...]                 (qwen2vl train --help)
 qwen2vl init ARCH_DIR --output DIR [--seed N] [--std fan-in|F] [--embed-std F]
-             [--vocab-data JSONL...]
-qwen2vl pretrain-vision --model DIR --output DIR [--steps N ...]
-qwen2vl bench [...]                 (python -m qwen2vl.bench --help)
+qwen2vl bench [...]                 (qwen2vl bench --help)
+qwen2vl synth-data --out DIR [...]  the synthetic world's data (qwen2vl synth-data --help)
+qwen2vl build-default-model [BUILD_DIR] [--scale S]   the default model's recipe
 
 Without --model, demo, chat, eval and serve use the embedded default model (a tiny Qwen2-VL
 trained on this project's synthetic world).
@@ -28,43 +28,39 @@ from qwen2vl.errors import Qwen2VLError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwen2vl", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    _demo_parser(sub.add_parser("demo", help="run the default model on fresh synthetic scenes"))
-    _chat_parser(sub.add_parser("chat", help="chat about images and videos (one shot or REPL)"))
-    _eval_parser(sub.add_parser("eval", help="score a model on the held-out synthetic tasks"))
-    _tokens_parser(sub.add_parser("tokens", help="what images/videos will cost, before running"))
-    from qwen2vl.serve.cli import add_parser as add_serve_parser
-
-    add_serve_parser(sub)
-    _init_parser(sub.add_parser("init", help="a new model with random weights (to train)"))
-    _pretrain_parser(
-        sub.add_parser("pretrain-vision", help="pretrain a ViT on the synthetic world's labels")
-    )
-    sub.add_parser(
-        "bench", help="benchmark against transformers (see `qwen2vl bench --help`)", add_help=False
-    )
-    sub.add_parser(
-        "train",
-        help="fine-tune: stages, LoRA, packing, torchrun (see `qwen2vl train --help`)",
-        add_help=False,
-    )
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "train":
-        from qwen2vl.train.cli import main as train_main
-
-        return train_main(rest)
-    if args.command == "bench":
-        from qwen2vl.bench import main as bench_main
-
-        return bench_main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser().parse_args(argv)
     try:
         return args.run(args)
     except Qwen2VLError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def parser() -> argparse.ArgumentParser:
+    """Every subcommand; a module that owns one gives `add_arguments(p)`, which sets its run."""
+    from qwen2vl import bench
+    from qwen2vl.serve import cli as serve
+    from qwen2vl.synth import build
+    from qwen2vl.synth import dataset as synth_data
+    from qwen2vl.train import cli as train
+
+    p = argparse.ArgumentParser(prog="qwen2vl", description="Qwen2-VL in plain PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+    commands = [
+        ("demo", _demo_parser, "run the default model on fresh synthetic scenes"),
+        ("chat", _chat_parser, "chat about images and videos (one shot or REPL)"),
+        ("eval", _eval_parser, "score a model on the held-out synthetic tasks"),
+        ("tokens", _tokens_parser, "what images/videos will cost, before running"),
+        ("serve", serve.add_arguments, serve.HELP),
+        ("train", train.add_arguments, "fine-tune: stages, LoRA, packing, torchrun"),
+        ("init", _init_parser, "a new model with random weights (to train)"),
+        ("bench", bench.add_arguments, "measure qwen2vl's speed and memory"),
+        ("synth-data", synth_data.add_arguments, "write a synthetic data set (JSONL + media)"),
+        ("build-default-model", build.add_arguments, "rebuild the embedded default model"),
+    ]
+    for name, add, text in commands:
+        add(sub.add_parser(name, help=text, description=text))
+    return p
 
 
 def _model_option(p: argparse.ArgumentParser) -> None:
@@ -164,14 +160,6 @@ def _init_parser(p: argparse.ArgumentParser) -> None:
         "as transformers)",
     )
     p.add_argument("--embed-std", type=float, default=None, help="std of the embeddings")
-    p.add_argument(
-        "--vocab-data",
-        nargs="+",
-        default=(),
-        metavar="JSONL",
-        help="only the tokens these conversations hold get non-zero embedding rows (train "
-        "with --lump-zero-rows to score the zero rows as one logit)",
-    )
     p.set_defaults(run=_init)
 
 
@@ -194,58 +182,11 @@ def _init(args: argparse.Namespace) -> int:
             seed=args.seed,
             std=args.std,
             embed_std=args.embed_std,
-            vocab_data=args.vocab_data,
         )
     except (ValueError, OSError, Qwen2VLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote a new model (seed {args.seed}) to {out}")
-    return 0
-
-
-def _pretrain_parser(p: argparse.ArgumentParser) -> None:
-    from qwen2vl.synth.pretrain import PretrainConfig
-
-    d = PretrainConfig(model="", output="")
-    p.add_argument("--model", required=True, help="checkpoint whose ViT + merger to train")
-    p.add_argument("--output", required=True, help="the whole model, ViT trained, goes here")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch", type=int, default=d.batch, help="scenes per step")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak; warmup then cosine to 0")
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--pool", type=int, default=d.pool, help="scenes drawn and processed")
-    p.add_argument(
-        "--task-weight", nargs="+", default=[], metavar="TASK=W", dest="task_weights",
-        help="a task's share of the pool relative to the others (default 1 each)",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.set_defaults(run=_pretrain)
-
-
-def _task_weight(item: str) -> tuple[str, float]:
-    task, _, weight = item.partition("=")
-    try:
-        return task, float(weight)
-    except ValueError:
-        raise ValueError(f"--task-weight wants TASK=W with W a number, got {item!r}") from None
-
-
-def _pretrain(args: argparse.Namespace) -> int:
-    import logging
-
-    from qwen2vl.synth.pretrain import PretrainConfig, pretrain_vision
-
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
-    try:
-        options["task_weights"] = dict(_task_weight(item) for item in args.task_weights)
-        cfg = PretrainConfig(**options)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    pretrain_vision(cfg)
-    print(f"vision pretrained: {args.output}")
     return 0
 
 

@@ -95,11 +95,10 @@ def test_bad_media_is_a_clear_error_and_exit_2(ckpt):
 @pytest.mark.parametrize(
     "args",
     [
-        ["init", "recipes/default/model", "--output", "OUT", "--std", "0"],
-        ["init", "recipes/default/model", "--output", "OUT", "--std", "wide"],
-        ["init", "recipes/default/model", "--output", "OUT", "--embed-std", "-1"],
-        ["pretrain-vision", "--model", "recipes/default/model", "--output", "OUT", "--steps", "0"],
-        ["eval", "--model", "recipes/default/model", "--n", "0"],
+        ["init", "qwen2vl/synth/recipe/model", "--output", "OUT", "--std", "0"],
+        ["init", "qwen2vl/synth/recipe/model", "--output", "OUT", "--std", "wide"],
+        ["init", "qwen2vl/synth/recipe/model", "--output", "OUT", "--embed-std", "-1"],
+        ["eval", "--model", "qwen2vl/synth/recipe/model", "--n", "0"],
     ],
 )
 def test_bad_numbers_are_refused_before_any_work(args, tmp_path):

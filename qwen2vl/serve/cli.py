@@ -4,8 +4,7 @@
                   --limit-mm-per-prompt image=8,video=2 --allowed-local-media-path DIR
                   --allow-remote-media --max-model-len N ...]
 
-Wired into the main CLI with ``add_parser(subparsers)`` (it sets ``run``); ``main(argv)`` runs it
-on its own (``python -m qwen2vl.serve.cli``).
+``add_arguments(parser)`` gives the main CLI (qwen2vl/cli.py) its options and sets ``run``.
 """
 
 from __future__ import annotations
@@ -14,21 +13,14 @@ import argparse
 import json
 import logging
 import os
-from collections.abc import Sequence
-from typing import Any
 
 DEFAULT_MAX_MODEL_LEN = 8192  # the KV slots are preallocated: slots x 1.5 x this many tokens
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page"
-    )
-    configure(p)
-    return p
+HELP = "OpenAI-compatible HTTP server with continuous batching and a chat page"
 
 
-def configure(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
@@ -139,21 +131,17 @@ def build_app(args: argparse.Namespace):
     """Load the model and return the FastAPI app (the engine starts with the app)."""
     from qwen2vl.config import Qwen2VLConfig
     from qwen2vl.default_model import model_or_default
-    from qwen2vl.generation.compute import cpu_matmuls
-    from qwen2vl.generation.quantize import quantize_int8
+    from qwen2vl.generation.load import load_for_inference
     from qwen2vl.processor import load_processor
     from qwen2vl.serve.app import ServerConfig, create_app
     from qwen2vl.serve.engine import Engine, EngineConfig
     from qwen2vl.serve.prepare import Limits, generation_config
-    from qwen2vl.weights import load_model
 
     path = model_or_default(args.model)
     defaults, eos = generation_config(path)
     native = Qwen2VLConfig.from_file(path / "config.json").text.max_position_embeddings
     max_len = args.max_model_len or min(native, DEFAULT_MAX_MODEL_LEN)
-    model = cpu_matmuls(load_model(path, dtype=args.dtype))
-    if args.quantize == "int8":
-        quantize_int8(model)
+    model = load_for_inference(path, dtype=args.dtype, quantize=args.quantize)
     processor = load_processor(path, access=media_access(args), max_model_len=max_len)
     engine = Engine(
         model,
@@ -210,14 +198,3 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(args)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwen2vl serve", description=__doc__.split("\n\n")[0])
-    configure(parser)
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

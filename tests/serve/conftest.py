@@ -20,7 +20,7 @@ from tiny_qwen2vl import tiny_real_vocab_checkpoint
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from qwen2vl.serve.cli import build_app, configure  # noqa: E402
+from qwen2vl.serve.cli import add_arguments, build_app  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +73,7 @@ class Server:
 @contextmanager
 def running_server(ckpt: Path, *extra: str) -> Iterator[Server]:
     parser = argparse.ArgumentParser()
-    configure(parser)
+    add_arguments(parser)
     port = free_port()
     args = parser.parse_args(
         ["--model", str(ckpt), "--dtype", "float32", "--port", str(port), "--log-level",

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from qwen2vl.serve.cli import _limits, add_parser
+from qwen2vl.cli import parser
+from qwen2vl.serve.cli import _limits
 
 try:  # the openai client brings httpx2 (openai 3.x) or httpx (earlier)
     import httpx2 as httpx
@@ -26,17 +27,15 @@ def test_limit_mm_per_prompt_parses_both_spellings():
             _limits(bad)
 
 
-def test_add_parser_wires_a_serve_command():
-    parser = argparse.ArgumentParser(prog="qwen2vl")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--model", "m", "--limit-mm-per-prompt", "image=1"])
+def test_the_main_parser_wires_a_serve_command():
+    args = parser().parse_args(["serve", "--model", "m", "--limit-mm-per-prompt", "image=1"])
     assert args.command == "serve" and callable(args.run) and args.port == 8000
     assert args.limit_mm_per_prompt == {"image": 1, "video": 2} and args.host == "127.0.0.1"
 
 
 def test_serve_process_answers_and_stops_cleanly(ckpt, free_port):
     port = free_port()
-    cmd = [sys.executable, "-m", "qwen2vl.serve.cli", "--model", str(ckpt), "--dtype", "float32",
+    cmd = [sys.executable, "-m", "qwen2vl", "serve", "--model", str(ckpt), "--dtype", "float32",
            "--port", str(port), "--max-model-len", "512", "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

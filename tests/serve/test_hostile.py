@@ -33,7 +33,7 @@ NORMAL = {"messages": [{"role": "user", "content": "Say something."}], "max_toke
 
 
 class Process:
-    """`python -m qwen2vl.serve.cli` on a free port, its log in a file; every response's status
+    """`python -m qwen2vl serve` on a free port, its log in a file; every response's status
     is kept so the module can check that none was a 5xx."""
 
     def __init__(self, ckpt: Path, port: int, log: Path, *extra: str):
@@ -44,7 +44,7 @@ class Process:
                 "--served-model-name", "m", *extra]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qwen2vl.serve.cli", *args],
+            [sys.executable, "-m", "qwen2vl", "serve", *args],
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             env=env,
