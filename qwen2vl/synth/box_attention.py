@@ -167,7 +167,41 @@ def box_attention_nll(
     return total
 
 
-class BoxAttention(Objective):
+class BoxObjective(Objective):
+    """What the two box objectives share: a plan per micro-batch (`look`), the losses its taps
+    collect during the forward, their weighted sum (`loss`) and the step's mean (`metrics`)."""
+
+    name = "box"
+
+    def __init__(self, weight: float):
+        if not weight >= 0:
+            raise ConfigError(f"{self.name}: weight must be >= 0, got {weight}")
+        self.weight = weight
+        self.plan = None
+        self.losses: list[torch.Tensor] = []
+        self.sums = [0.0, 0.0]  # this step's summed loss, supervised units
+
+    def supervised(self, plan) -> int:
+        """How many units (positions, heads) the plan's loss sums over."""
+        raise NotImplementedError
+
+    def loss(self) -> torch.Tensor | None:
+        losses, self.losses = self.losses, []
+        plan, self.plan = self.plan, None
+        if not losses:
+            return None
+        nll = torch.stack(losses).sum()
+        self.sums[0] += float(nll.detach())
+        self.sums[1] += self.supervised(plan)
+        return self.weight * nll
+
+    def metrics(self, run: Run) -> dict[str, float | None]:
+        total, count = D.all_reduce_sum(self.sums, run.env)
+        self.sums = [0.0, 0.0]
+        return {self.name: total / count if count else None}
+
+
+class BoxAttention(BoxObjective):
     """The objective: `weight` times the summed -log attention mass on the boxed object, for
     `heads` of decoder layer `layer` (default: the middle one; heads: one per key/value group)
     at the first `tokens` positions of each answer's box."""
@@ -182,12 +216,10 @@ class BoxAttention(Objective):
         heads: list[int] | None = None,
         tokens: int = 2,
     ):
-        if not weight >= 0 or tokens < 1:
-            raise ConfigError(f"box attention: weight >= 0, tokens >= 1; got {weight}, {tokens}")
-        self.weight, self.layer, self.heads, self.tokens = weight, layer, heads, tokens
-        self.plan: BoxAttentionPlan | None = None
-        self.losses: list[torch.Tensor] = []
-        self.sums = [0.0, 0.0]  # this step's summed loss, supervised (query, head) pairs
+        super().__init__(weight)
+        if tokens < 1:
+            raise ConfigError(f"box_attention: tokens must be >= 1, got {tokens}")
+        self.layer, self.heads, self.tokens = layer, heads, tokens
 
     def prepare(self, run: Run) -> None:
         cfg, text = run.cfg, run.net.cfg.text
@@ -231,17 +263,5 @@ class BoxAttention(Objective):
         if torch.is_grad_enabled():
             self.losses.append(box_attention_nll(self.attn, x, cos, sin, self.plan, self.heads))
 
-    def loss(self) -> torch.Tensor | None:
-        losses, self.losses = self.losses, []
-        plan, self.plan = self.plan, None
-        if not losses:
-            return None
-        nll = torch.stack(losses).sum()
-        self.sums[0] += float(nll.detach())
-        self.sums[1] += len(plan.queries) * len(self.heads)
-        return self.weight * nll
-
-    def metrics(self, run: Run) -> dict[str, float | None]:
-        total, count = D.all_reduce_sum(self.sums, run.env)
-        self.sums = [0.0, 0.0]
-        return {self.name: total / count if count else None}
+    def supervised(self, plan: BoxAttentionPlan) -> int:
+        return len(plan.queries) * len(self.heads)

@@ -21,10 +21,10 @@ from torch import nn
 
 from qwen2vl.errors import ConfigError
 from qwen2vl.model.text import DecoderTaps
-from qwen2vl.synth.box_attention import answer_boxes
+from qwen2vl.synth.box_attention import BoxObjective, answer_boxes
 from qwen2vl.tokenizer import Tokenizer
 from qwen2vl.train import distributed as D
-from qwen2vl.train.objective import Objective, Run
+from qwen2vl.train.objective import Run
 from qwen2vl.train.optim import adamw, set_lr
 from qwen2vl.train.packing import PackedBatch
 
@@ -56,7 +56,7 @@ def plan_box_regression(
     return torch.tensor(positions), torch.tensor(boxes, dtype=torch.float32)
 
 
-class BoxRegression(Objective):
+class BoxRegression(BoxObjective):
     """The objective: `weight` times the summed relative box error of a linear head on decoder
     layer `layer`'s output (default: the third from last, or the first of a smaller model) at
     every position an answer writes a box from."""
@@ -64,12 +64,8 @@ class BoxRegression(Objective):
     name = "box_regression"
 
     def __init__(self, weight: float = 1.0, *, layer: int | None = None):
-        if not weight >= 0:
-            raise ConfigError(f"box regression: weight must be >= 0, got {weight}")
-        self.weight, self.layer = weight, layer
-        self.plan: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.losses: list[torch.Tensor] = []
-        self.sums = [0.0, 0.0]  # this step's summed error, supervised positions
+        super().__init__(weight)
+        self.layer = layer
 
     def prepare(self, run: Run) -> None:
         cfg, text = run.cfg, run.net.cfg.text
@@ -105,23 +101,11 @@ class BoxRegression(Objective):
             pred = self.head(output[0, positions].float()).sigmoid()
             self.losses.append(box_loss(pred, boxes, reduction="sum"))
 
-    def loss(self) -> torch.Tensor | None:
-        losses, self.losses = self.losses, []
-        plan, self.plan = self.plan, None
-        if not losses:
-            return None
-        nll = torch.stack(losses).sum()
-        self.sums[0] += float(nll.detach())
-        self.sums[1] += len(plan[0])
-        return self.weight * nll
+    def supervised(self, plan: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return len(plan[0])
 
     def after_step(self, run: Run, lr: float) -> None:
         D.average_grads(self.head.parameters(), run.env)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def metrics(self, run: Run) -> dict[str, float | None]:
-        total, count = D.all_reduce_sum(self.sums, run.env)
-        self.sums = [0.0, 0.0]
-        return {self.name: total / count if count else None}
