@@ -2,7 +2,7 @@
 and peak memory, with bf16 weights and with weight-only int8.
 
     qwen2vl bench [--model DIR | --preset 2B] [--layers N] [--new-tokens 32]
-                  [--image-size 448] [--repeats 3] [--device cpu|cuda]
+                  [--image-size 448] [--repeats 3] [--device cpu|cuda|cuda:N|auto]
 
 Without --model it writes a random-weight checkpoint of the preset's architecture (bf16) to a
 temporary directory. The model loads through ``load_for_inference``, as the Pipeline and the
@@ -30,9 +30,11 @@ from PIL import Image
 
 import qwen2vl
 from qwen2vl.config import preset
+from qwen2vl.devices import DEVICE_HELP, resolve_device
 from qwen2vl.generation.generate import Generator
 from qwen2vl.generation.load import load_for_inference
 from qwen2vl.generation.sampling import SamplingParams
+from qwen2vl.hub import resolve_model
 
 # No decode step of a whole model returns in under 10 us (a Python call and a kernel launch
 # alone cost microseconds): a faster figure is a timing or counting error, never a result.
@@ -40,6 +42,7 @@ MAX_TOKENS_PER_SECOND = 100_000
 
 
 def run(args: argparse.Namespace) -> int:
+    args.device = resolve_device(args.device)  # a bad value fails here, before any work
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the kernel choice, once
     with tempfile.TemporaryDirectory(prefix="qwen2vl-bench-") as tmp:
         path, batch, bandwidth = prepare(args, Path(tmp))
@@ -65,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--repeats", type=int, default=3, help="repeats of the timed vision encoder")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.set_defaults(run=run)
 
 
@@ -89,7 +92,11 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, dict, float]:
         f"memory read {machine['bandwidth'] / 1e9:.1f} GB/s; matmul bf16 "
         f"{machine['bf16_flops'] / 1e9:.0f} GFLOP/s, fp32 {machine['fp32_flops'] / 1e9:.0f} GFLOP/s"
     )
-    path = Path(args.model) if args.model else random_checkpoint(args.preset, tmp, args.layers)
+    path = (
+        resolve_model(args.model)
+        if args.model
+        else random_checkpoint(args.preset, tmp, args.layers)
+    )
     batch = {k: v.to(device) for k, v in bench_inputs(path, args.image_size).items()}
     return path, batch, machine["bandwidth"]
 

@@ -1,7 +1,8 @@
 """The command line: the only argv reader. Each command is a thin layer over the Python API.
 
+qwen2vl --version
 qwen2vl demo [--model DIR] [--out DIR]
-qwen2vl chat [--model DIR] [--image PATH]... [--video PATH]... ["question"]
+qwen2vl chat [--model DIR] [--device auto] [--image PATH]... [--video PATH]... ["question"]
 qwen2vl eval [--model DIR] [--n N] [--tasks TASK...]
 qwen2vl tokens [--model DIR] [--image PATH]... [--video PATH]... [FILE...]
 qwen2vl serve [--model DIR] [...]   (qwen2vl serve --help)
@@ -23,7 +24,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from qwen2vl.default_model import model_or_default
+from qwen2vl.default_model import DEFAULT_MODEL_DIR, default_model_notice, model_or_default
+from qwen2vl.devices import DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP
 from qwen2vl.errors import Qwen2VLError
 
 
@@ -45,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     from qwen2vl.train import cli as train
 
     p = argparse.ArgumentParser(prog="qwen2vl", description="Qwen2-VL in plain PyTorch.")
+    p.add_argument("--version", action="version", version=f"qwen2vl {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     commands = [
         ("demo", _demo_parser, "run the default model on fresh synthetic scenes"),
@@ -61,6 +64,15 @@ def parser() -> argparse.ArgumentParser:
     for name, add, text in commands:
         add(sub.add_parser(name, help=text, description=text))
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qwen2vl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def _model_option(p: argparse.ArgumentParser) -> None:
@@ -197,7 +209,8 @@ def _chat_parser(p: argparse.ArgumentParser) -> None:
     _model_option(p)
     p.add_argument("--image", action="append", default=[], help="image path/URL (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video path (repeatable)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 LLM")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -212,18 +225,43 @@ def _chat_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from qwen2vl import media
     from qwen2vl.generation.pipeline import Pipeline
+    from qwen2vl.processor import load_processor
 
+    path, device, dtype, access, sampling = _chat_checked(args)
+    if path == DEFAULT_MODEL_DIR:
+        print(default_model_notice("qwen2vl chat"), file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    media = _media_parts(args.image, args.video)
+    text = [] if args.prompt is None else [{"type": "text", "text": args.prompt}]
+    first = system + [{"role": "user", "content": media + text}]
+    if media or text:  # the plan reads media headers, no pixels: bad media fail before weights
+        load_processor(path, access=access).plan(first)
     pipe = Pipeline.from_pretrained(
-        model_or_default(args.model),
-        dtype=args.dtype,
+        path,
+        dtype=dtype,
         quantize=args.quantize,
+        device=device,
         progress=_progress_bar("loading weights"),
-        access=media.MediaAccess(
-            allow_remote=args.allow_remote_media, how_to_allow_remote="pass --allow-remote-media"
-        ),
+        access=access,
     )
+    if args.prompt is not None:
+        _answer(pipe, first, sampling)
+        return 0
+    return _chat_loop(pipe, system, media, sampling)
+
+
+def _chat_checked(args: argparse.Namespace):
+    """Everything chat needs before its weights are read, each value checked (raises
+    Qwen2VLError): (checkpoint, device, dtype, media access, sampling keywords)."""
+    import torch
+
+    from qwen2vl.devices import resolve_device, resolve_dtype
+    from qwen2vl.generation.sampling import SamplingParams
+    from qwen2vl.media import MediaAccess
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device, cpu=torch.bfloat16)
     sampling = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -232,21 +270,20 @@ def _chat(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
-    messages: list[dict[str, Any]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    media = _media_parts(args.image, args.video)
-    if args.prompt is not None:
-        messages.append(
-            {"role": "user", "content": media + [{"type": "text", "text": args.prompt}]}
-        )
-        _answer(pipe, messages, sampling)
-        return 0
+    SamplingParams(**sampling)  # raises SamplingError naming the bad value
+    access = MediaAccess(
+        allow_remote=args.allow_remote_media, how_to_allow_remote="pass --allow-remote-media"
+    )
+    return model_or_default(args.model), device, dtype, access, sampling
+
+
+def _chat_loop(pipe, system: list, media: list, sampling: dict[str, Any]) -> int:
     print(
         "Interactive chat. /image PATH and /video PATH attach media to your next message; "
         "/reset starts over; /quit or Ctrl-D ends.",
         file=sys.stderr,
     )
+    messages = list(system)
     while True:
         try:
             line = input("> ").strip()
@@ -255,7 +292,7 @@ def _chat(args: argparse.Namespace) -> int:
         if line in ("/quit", "/exit"):
             return 0
         if line == "/reset":
-            messages, media = messages[:1] if args.system else [], []
+            messages, media = list(system), []
         elif line.startswith(("/image ", "/video ")):
             kind, path = line[1:].split(" ", 1)
             media += _media_parts(*(([path], []) if kind == "image" else ([], [path])))
@@ -321,7 +358,7 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 def _tokens(args: argparse.Namespace) -> int:
     from qwen2vl.processor import load_processor
 
-    proc = load_processor(args.model)
+    proc = load_processor(model_or_default(args.model) if args.model else None)
     images = list(args.image) + [f for f in args.files if not f.lower().endswith(VIDEO_SUFFIXES)]
     videos = list(args.video) + [f for f in args.files if f.lower().endswith(VIDEO_SUFFIXES)]
     if not images and not videos:

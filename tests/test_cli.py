@@ -1,12 +1,17 @@
-"""The command line, run as a real process."""
+"""The command line, run as a real process; and in-process (main) where a test asserts what is
+refused before any weights are read."""
 
 import subprocess
 import sys
+from importlib.metadata import version
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tiny_qwen2vl import tiny_real_vocab_checkpoint
+
+from qwen2vl.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +111,74 @@ def test_bad_numbers_are_refused_before_any_work(args, tmp_path):
     r = qwen2vl(*args)
     assert r.returncode == 2 and "error:" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+class Loading(Exception):
+    """Raised by a stand-in loader: every check passed and the weights were about to be read."""
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any read of a checkpoint's weights fails the test."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr("qwen2vl.weights.read_state_dict", fail)
+    monkeypatch.setattr("qwen2vl.generation.load.load_model", fail)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "-1", "hi"], "temperature must be >= 0"),
+        (["--max-new-tokens", "0", "hi"], "max_new_tokens must be >= 1"),
+        (["--top-p", "0", "hi"], "top_p must be in (0, 1]"),
+        (["--image", "/no/such.png", "hi"], "/no/such.png"),
+        (["--image", "/no/such.png"], "/no/such.png"),  # the interactive chat checks it too
+        (["--device", "gpu", "hi"], "--device gpu: expected cpu, cuda, cuda:N or auto"),
+        (["--device", "cuda", "hi"], "--device cuda: no CUDA device is available"),
+    ],
+)
+def test_chat_refuses_bad_values_before_reading_weights(
+    args, message, ckpt, no_weights, capsys, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["chat", "--model", str(ckpt), *args]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_video_without_pyav_names_the_extra_before_reading_weights(
+    ckpt, no_weights, capsys, monkeypatch, tmp_path
+):
+    monkeypatch.setitem(sys.modules, "av", None)  # any import of it now fails
+    (tmp_path / "clip.mp4").write_bytes(b"not read")
+    assert main(["chat", "--model", str(ckpt), "--video", str(tmp_path / "clip.mp4"), "hi"]) == 2
+    assert 'pip install "qwen2vl[video]"' in one_error_line(capsys)
+
+
+def test_chat_loads_on_the_resolved_device_and_dtype(ckpt, picture, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    asked = {}
+
+    def load(path, dtype, device, **kwargs):
+        asked.update(dtype=dtype, device=device)
+        raise Loading
+
+    monkeypatch.setattr("qwen2vl.generation.pipeline.load_for_inference", load)
+    with pytest.raises(Loading):
+        main(["chat", "--model", str(ckpt), "--image", picture, "hi"])
+    assert asked == {"dtype": torch.bfloat16, "device": torch.device("cpu")}
+
+
+def test_version_is_the_installed_packages(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"qwen2vl {version('qwen2vl')}\n"

@@ -44,7 +44,9 @@ def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr("qwen2vl.default_model.DEFAULT_MODEL_DIR", tmp_path / "gone")
     with pytest.raises(CheckpointError, match="--model"):
         default_model_dir()
-    assert model_or_default("elsewhere") == Path("elsewhere")
+    assert model_or_default(str(tmp_path)) == tmp_path  # a directory given is used as it is
+    with pytest.raises(CheckpointError, match="neither a directory"):
+        model_or_default(str(tmp_path / "elsewhere"))
 
 
 def test_transformers_reads_it_and_answers_as_we_do(pipe):

@@ -12,6 +12,7 @@ import torch
 
 from qwen2vl.generation.compute import PYTORCH_ONLY, choose_kernels, cpu_matmuls
 from qwen2vl.generation.quantize import quantize_int8
+from qwen2vl.hub import resolve_model
 from qwen2vl.model.qwen2vl import Qwen2VL
 from qwen2vl.weights import load_model
 
@@ -26,12 +27,13 @@ def load_for_inference(
     quantize: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Qwen2VL:
-    """A checkpoint directory as a Qwen2VL ready to generate (eval mode). ``dtype=None`` keeps
-    the checkpoint's; ``quantize="int8"`` stores the LLM's linears and lm_head as int8;
-    ``progress(done, total)`` follows weight loading (see ``load_model``)."""
+    """A checkpoint directory or repo id ``Org/Name`` (through ``resolve_model``) as a Qwen2VL
+    ready to generate (eval mode). ``dtype=None`` keeps the checkpoint's; ``quantize="int8"``
+    stores the LLM's linears and lm_head as int8; ``progress(done, total)`` follows weight
+    loading (see ``load_model``)."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize={quantize!r}: only None or 'int8'")
-    model = load_model(path, dtype=dtype, device=device, progress=progress)
+    model = load_model(resolve_model(path), dtype=dtype, device=device, progress=progress)
     kernels = PYTORCH_ONLY
     if torch.device(device).type == "cpu":
         weights = model.model.embed_tokens.weight.dtype

@@ -28,6 +28,7 @@ from qwen2vl.generation.kv_cache import KVCache
 from qwen2vl.generation.load import load_for_inference
 from qwen2vl.generation.sampling import SamplingParams
 from qwen2vl.generation.stop import StopStrings
+from qwen2vl.hub import resolve_model
 from qwen2vl.model.qwen2vl import Qwen2VL
 from qwen2vl.processor import Encoding, Processor, VisualEncoding, load_processor
 
@@ -75,7 +76,9 @@ class Pipeline:
         progress: Callable[[int, int], None] | None = None,
         **processor_kwargs: Any,
     ) -> Pipeline:
-        """The model through ``load_for_inference``; ``processor_kwargs`` go to the processor."""
+        """The model through ``load_for_inference``; ``processor_kwargs`` go to the processor.
+        ``path`` is a checkpoint directory or a repo id ``Org/Name`` (see ``resolve_model``)."""
+        path = resolve_model(path)
         model = load_for_inference(path, dtype, device, quantize=quantize, progress=progress)
         return cls(
             model,
@@ -155,12 +158,15 @@ class Pipeline:
         self, enc: Encoding, at: list[tuple[int, str]], params: SamplingParams, out: Completion
     ) -> Generator:
         model, T = self.model, len(enc.ids)
-        ids = torch.tensor([enc.ids])
+        device = model.model.embed_tokens.weight.device
+        ids = torch.tensor([enc.ids], device=device)
         P = self._reusable_prefix(enc, at)
         cache = self._cache_for(T + params.max_new_tokens, P)
         grids = {k: [v.grid_thw for v in enc.visuals if v.kind == k] for k in ("image", "video")}
         pos, deltas = model.positions(
-            ids, None, *(torch.tensor(g) if g else None for g in (grids["image"], grids["video"]))
+            ids,
+            None,
+            *(torch.tensor(g, device=device) if g else None for g in grids.values()),
         )
         feats = self._suffix_features(enc, at, P)
         with torch.inference_mode():
@@ -180,7 +186,7 @@ class Pipeline:
             cache=cache,
             logits=res.logits[:, -1],
             rope_deltas=deltas,
-            n_real=torch.tensor([T]),
+            n_real=torch.tensor([T], device=device),
             stop_token_ids=self.stop_token_ids,
             prompt_ids=ids,
             pad_token_id=self.processor.pad_token_id,
@@ -246,7 +252,8 @@ class Pipeline:
             self.encoder_cache.move_to_end(key)
             return self.encoder_cache[key]
         with torch.inference_mode():
-            feats = self.model.encode_visual(v.pixel_values, torch.tensor([v.grid_thw]))
+            pixels = v.pixel_values.to(self.model.model.embed_tokens.weight.device)
+            feats = self.model.encode_visual(pixels, torch.tensor([v.grid_thw]))
         self.encoder_cache[key] = feats
         while len(self.encoder_cache) > self.encoder_cache_items:
             self.encoder_cache.popitem(last=False)

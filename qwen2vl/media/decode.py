@@ -204,7 +204,7 @@ def _open(data: Path | bytes) -> Iterator[Any]:
     try:
         import av
     except ImportError as e:
-        raise MediaError("video files need PyAV: pip install 'qwen2vl[video]' (or av)") from e
+        raise MediaError('video files need PyAV: pip install "qwen2vl[video]"') from e
     try:
         container = av.open(str(data) if isinstance(data, Path) else io.BytesIO(data), mode="r")
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:

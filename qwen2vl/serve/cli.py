@@ -1,10 +1,11 @@
 """`qwen2vl serve`: arguments, model loading, and uvicorn.
 
     qwen2vl serve [--model DIR] [--host 127.0.0.1 --port 8000 --api-key KEY --max-num-seqs 8
-                  --limit-mm-per-prompt image=8,video=2 --allowed-local-media-path DIR
-                  --allow-remote-media --max-model-len N ...]
+                  --device auto --dtype auto --limit-mm-per-prompt image=8,video=2
+                  --allowed-local-media-path DIR --allow-remote-media --max-model-len N ...]
 
 ``add_arguments(parser)`` gives the main CLI (qwen2vl/cli.py) its options and sets ``run``.
+Every argument value and the `serve` extra's packages are checked before any weights are read.
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ import argparse
 import json
 import logging
 import os
+from pathlib import Path
+
+import torch
+
+from qwen2vl.devices import DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, resolve_device, resolve_dtype
+from qwen2vl.errors import Qwen2VLError
 
 DEFAULT_MAX_MODEL_LEN = 8192  # the KV slots are preallocated: slots x 1.5 x this many tokens
 
@@ -27,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="checkpoint directory (Hugging Face layout); default: the embedded tiny model",
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument(
         "--api-key",
         default=os.environ.get("QWEN2VL_API_KEY"),
@@ -38,21 +45,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the name clients send as 'model' (default: the directory's name)",
     )
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 LLM")
-    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-num-seqs", type=_positive, default=8, help="sequences decoded together")
     p.add_argument(
         "--max-model-len",
-        type=int,
+        type=_positive,
         default=None,
         help=f"prompt + completion tokens (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})",
     )
     p.add_argument(
-        "--max-queue", type=int, default=64, help="requests waiting for a slot before 429"
+        "--max-queue", type=_positive, default=64, help="requests waiting for a slot before 429"
     )
     p.add_argument(
         "--prefill-chunk",
-        type=int,
+        type=_positive,
         default=256,
         help="prompt tokens per prefill step between decode steps",
     )
@@ -93,9 +101,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=2048,
         help="completion tokens of a request that sets no max_tokens",
     )
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413)")
-    p.add_argument("--encoder-cache-items", type=int, default=64, help="vision features kept")
+    p.add_argument(
+        "--request-timeout", type=_positive_number, default=600.0, help="seconds per request"
+    )
+    p.add_argument(
+        "--max-body-mb", type=_positive_number, default=64.0, help="request body limit (413)"
+    )
+    p.add_argument("--encoder-cache-items", type=_count, default=64, help="vision features kept")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
     p.set_defaults(run=run)
@@ -108,6 +120,33 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {text!r}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
@@ -128,35 +167,41 @@ def _limits(text: str) -> dict[str, int]:
 
 
 def build_app(args: argparse.Namespace):
-    """Load the model and return the FastAPI app (the engine starts with the app)."""
+    """Check every value, then load the model; the FastAPI app (the engine starts with it)."""
     from qwen2vl.config import Qwen2VLConfig
     from qwen2vl.default_model import model_or_default
     from qwen2vl.generation.load import load_for_inference
     from qwen2vl.processor import load_processor
-    from qwen2vl.serve.app import ServerConfig, create_app
+    from qwen2vl.serve.app import create_app
     from qwen2vl.serve.engine import Engine, EngineConfig
-    from qwen2vl.serve.prepare import Limits, generation_config
+    from qwen2vl.serve.prepare import generation_config
 
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device, cpu=torch.bfloat16)
     path = model_or_default(args.model)
     defaults, eos = generation_config(path)
     native = Qwen2VLConfig.from_file(path / "config.json").text.max_position_embeddings
     max_len = args.max_model_len or min(native, DEFAULT_MAX_MODEL_LEN)
-    model = load_for_inference(path, dtype=args.dtype, quantize=args.quantize)
-    processor = load_processor(path, access=media_access(args), max_model_len=max_len)
-    engine = Engine(
-        model,
-        processor,
-        EngineConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_model_len=max_len,
-            max_queue=args.max_queue,
-            prefill_chunk=args.prefill_chunk,
-            encoder_cache_items=args.encoder_cache_items,
-        ),
-        stop_token_ids=eos,
+    engine_config = EngineConfig(  # checks its values: before the weights, not after
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=max_len,
+        max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
+        encoder_cache_items=args.encoder_cache_items,
     )
+    config = _server_config(args, path, max_len, defaults)
+    processor = load_processor(path, access=media_access(args), max_model_len=max_len)
+    model = load_for_inference(path, dtype, device, quantize=args.quantize)
+    engine = Engine(model, processor, engine_config, stop_token_ids=eos)
+    return create_app(engine, config)
+
+
+def _server_config(args: argparse.Namespace, path: Path, max_len: int, defaults: dict):
+    from qwen2vl.serve.app import ServerConfig
+    from qwen2vl.serve.prepare import Limits
+
     limits = args.limit_mm_per_prompt
-    config = ServerConfig(
+    return ServerConfig(
         model_name=args.served_model_name or path.resolve().name,
         aliases=tuple(a for a in (args.model, str(path.resolve())) if a),
         limits=Limits(
@@ -171,7 +216,6 @@ def build_app(args: argparse.Namespace):
         defaults=defaults,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
     )
-    return create_app(engine, config)
 
 
 def media_access(args: argparse.Namespace):
@@ -191,7 +235,20 @@ def media_access(args: argparse.Namespace):
     )
 
 
+def require_packages() -> None:
+    """The `serve` extra, named in one line rather than an ImportError from deep in the app."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ModuleNotFoundError:
+        raise Qwen2VLError(
+            'qwen2vl serve needs fastapi and uvicorn: pip install "qwen2vl[serve]"',
+            code="missing_package",
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
+    require_packages()  # before anything is loaded
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -9,9 +9,10 @@ import sys
 import time
 
 import pytest
+import torch
 
-from qwen2vl.cli import parser
-from qwen2vl.serve.cli import _limits
+from qwen2vl.cli import main, parser
+from qwen2vl.serve.cli import _limits, build_app
 
 try:  # the openai client brings httpx2 (openai 3.x) or httpx (earlier)
     import httpx2 as httpx
@@ -31,6 +32,71 @@ def test_the_main_parser_wires_a_serve_command():
     args = parser().parse_args(["serve", "--model", "m", "--limit-mm-per-prompt", "image=1"])
     assert args.command == "serve" and callable(args.run) and args.port == 8000
     assert args.limit_mm_per_prompt == {"image": 1, "video": 2} and args.host == "127.0.0.1"
+
+
+def test_device_and_dtype_default_to_auto():
+    args = parser().parse_args(["serve"])
+    assert (args.device, args.dtype) == ("auto", "auto")
+
+
+class Loading(Exception):
+    """Raised by a stand-in loader: every check passed and the weights were about to be read."""
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any read of a checkpoint's weights fails the test."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr("qwen2vl.weights.read_state_dict", fail)
+    monkeypatch.setattr("qwen2vl.generation.load.load_model", fail)
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
+def test_serve_without_its_extra_says_what_to_install(
+    missing, ckpt, no_weights, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, missing, None)  # any import of it now fails
+    assert main(["serve", "--model", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err == 'error: qwen2vl serve needs fastapi and uvicorn: pip install "qwen2vl[serve]"\n'
+
+
+@pytest.mark.parametrize(
+    "option", ["--max-num-seqs=0", "--max-queue=-1", "--prefill-chunk=x", "--max-model-len=0",
+               "--port=70000", "--request-timeout=0", "--max-body-mb=nan",
+               "--encoder-cache-items=-1", "--dtype=half"],
+)  # fmt: skip
+def test_serve_refuses_bad_values_before_reading_weights(option, ckpt, no_weights, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--model", str(ckpt), option])
+    assert exit.value.code == 2
+    assert f"argument {option.split('=')[0]}:" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_missing_gpu_before_reading_weights(ckpt, no_weights, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["serve", "--model", str(ckpt), "--device", "cuda:1"]) == 2
+    assert capsys.readouterr().err == "error: --device cuda:1: no CUDA device is available\n"
+
+
+def test_serve_loads_on_the_resolved_device_and_dtype(ckpt, monkeypatch):
+    # a simulated Ampere GPU: the loader is asked for cuda:0 in bfloat16 (and stops there)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    asked = {}
+
+    def load(path, dtype, device, **kwargs):
+        asked.update(dtype=dtype, device=device)
+        raise Loading
+
+    monkeypatch.setattr("qwen2vl.generation.load.load_for_inference", load)
+    with pytest.raises(Loading):
+        build_app(parser().parse_args(["serve", "--model", str(ckpt)]))
+    assert asked == {"dtype": torch.bfloat16, "device": torch.device("cuda:0")}
 
 
 def test_serve_process_answers_and_stops_cleanly(ckpt, free_port):
