@@ -28,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qwen2vl.default_model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NOTE
 from qwen2vl.errors import Qwen2VLError
 from qwen2vl.serve import protocol
 from qwen2vl.serve.engine import Engine, QueueFull
@@ -63,9 +64,13 @@ class ServerConfig:
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+    about = about_model(config)  # the model card's extension field
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         started = not engine.started  # the app owns an engine it starts (tests may start it)
+        if about["default_model"]:
+            logger.info("%s For a real model: %s", about["note"], about["real_model"])
         if started:
             engine.start()
         yield
@@ -90,7 +95,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return protocol.model_list(config.model_name, CREATED)
+        return protocol.model_list(config.model_name, CREATED, about)
 
     @app.post(
         "/v1/chat/completions",
@@ -111,6 +116,16 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 CREATED = protocol.now()
 SCHEMA = ChatCompletionRequest.model_json_schema()
 OPEN_PATHS = ("/health", "/")  # and /static/*: probes and the page itself need no key
+
+
+# What the page's empty state and the start-up log say when the embedded default model serves.
+# The examples are the demo's own scenes (`qwen2vl demo` writes them; seeded, so always these).
+def about_model(config: ServerConfig) -> dict[str, Any]:
+    """The model card's "qwen2vl" field. serve/cli.py lists the resolved checkpoint directory
+    among the aliases, so that is where the default model shows."""
+    if str(DEFAULT_MODEL_DIR.resolve()) not in config.aliases:
+        return {"default_model": False}
+    return {"default_model": True, **DEFAULT_MODEL_NOTE}
 
 
 class Auth:

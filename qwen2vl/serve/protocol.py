@@ -151,8 +151,12 @@ def logprobs_content(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> list[
     ]
 
 
-def model_list(name: str, created: int) -> dict[str, Any]:
+def model_list(name: str, created: int, about: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one model card; `about` goes under the extension field "qwen2vl" (OpenAI clients
+    keep unknown fields)."""
     card = {"id": name, "object": "model", "created": created, "owned_by": "qwen2vl"}
+    if about is not None:
+        card["qwen2vl"] = about
     return {"object": "list", "data": [card]}
 
 

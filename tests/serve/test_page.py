@@ -1,6 +1,8 @@
 """The chat page in real headless Chromium (Debian's, driven by selenium through Debian's
 chromedriver): attach a generated image, ask, watch the answer stream in; grounding boxes draw
-over the image. Screenshots land in tests/serve/artifacts/ (git-ignored).
+over the image; images show large and open full size on click; an animated GIF goes as a video;
+the embedded default model's empty chat says what it knows. Screenshots land in
+tests/serve/artifacts/ (git-ignored).
 Install the browser with scripts/setup_browser.sh."""
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def test_grounding_boxes_are_drawn_over_the_image(server, browser, tmp_path):
         "const el = document.createElement('div'); el.className = 'msg assistant';"
         "document.getElementById('log').append(el);"
         "qwen2vl.renderAnswer(el, text);"
-        "qwen2vl.drawBoxes(el, uri, qwen2vl.parseGrounding(text))"
+        "qwen2vl.showImage(el, uri, qwen2vl.parseGrounding(text))"
         "  .then((figure) => done(figure.dataset.boxes));",
         text,
         uri,
@@ -120,3 +122,136 @@ def server_data_uri(path: Path) -> str:
     import base64
 
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+# ---- the embedded default model, demo media --------------------------------------------------
+
+SENT = (  # records the bodies the page posts for answers
+    "window.sent = []; const post = window.fetch;"
+    "window.fetch = (url, init) => {"
+    "  if (String(url).endsWith('/chat/completions')) sent.push(JSON.parse(init.body));"
+    "  return post(url, init); };"
+)
+
+
+@pytest.fixture(scope="module")
+def default_server(start_server):
+    from qwen2vl.default_model import DEFAULT_MODEL_DIR
+
+    with start_server(DEFAULT_MODEL_DIR) as s:
+        yield s
+
+
+def demo_scene(task: str, path: Path) -> Path:
+    """The scene `qwen2vl demo` draws for `task` (its seed); a video as its animated GIF."""
+    from qwen2vl.synth.dataset import make_sample
+    from qwen2vl.synth.demo import DEMO_SEED
+    from qwen2vl.synth.tasks import VIDEO_FPS
+
+    sample = make_sample(task, seed=DEMO_SEED, index=0)
+    if sample.video is None:
+        sample.images[0].save(path)
+    else:
+        first, *rest = sample.video
+        first.save(path, save_all=True, append_images=rest, duration=int(1000 / VIDEO_FPS), loop=0)
+    return path
+
+
+def open_page(browser, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(server.url + "/")
+    wait.until(lambda d: d.find_element(By.ID, "model").text == server.app.state.config.model_name)
+    browser.execute_script(SENT)
+    return wait
+
+
+def attach_and_ask(browser, wait, path: Path, question: str):
+    """Attach `path`, ask `question`, and wait for the answer; returns its element."""
+    from selenium.webdriver.common.by import By
+
+    before = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#attachments .chip"))
+    browser.find_element(By.ID, "prompt").send_keys(question)
+    browser.find_element(By.ID, "send").click()
+    done = ".msg.assistant[data-state=done], .msg.assistant[data-state=error]"
+    answers = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, done)[before:])
+    assert answers[0].get_attribute("data-state") == "done", answers[0].text
+    return answers[0]
+
+
+def sent_parts(browser) -> list[str]:
+    return browser.execute_script(
+        "return sent.at(-1).messages.at(-1).content.map((part) => part.type)"
+    )
+
+
+def test_the_default_models_empty_chat_says_what_it_knows(default_server, browser):
+    from selenium.webdriver.common.by import By
+
+    wait = open_page(browser, default_server)
+    notice = wait.until(lambda d: d.find_elements(By.ID, "notice"))[0]
+    assert "synthetic world" in notice.text
+    assert "qwen2vl serve --model Qwen/Qwen2-VL-2B-Instruct" in notice.text
+    examples = notice.find_elements(By.CSS_SELECTOR, "button.example")
+    assert [e.text for e in examples] == [
+        "What shape is this?",
+        "Find the blue star in the image and output its bounding box.",
+    ]
+    assert "qwen2vl-demo/shape_0.png" in notice.text
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "default_model_notice.png"))
+    examples[0].click()  # puts the question in the box
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "What shape is this?"
+
+
+def test_a_real_checkpoint_shows_no_note(server, browser):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, server)
+    assert not browser.find_elements(By.ID, "notice")
+
+
+def test_an_animated_gif_is_sent_as_a_video_and_answered(default_server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    wait = open_page(browser, default_server)
+    gif = demo_scene("video_direction", tmp_path / "video_direction.gif")
+    answer = attach_and_ask(browser, wait, gif, "Which way does the object move?")
+    assert sent_parts(browser) == ["video_url", "text"]
+    assert answer.text.strip() == "Down."  # sent as an image, the model says "Left."
+    assert not browser.find_elements(By.ID, "notice")  # the note is for the empty chat
+
+
+def test_a_one_frame_gif_is_sent_as_an_image(default_server, browser, tmp_path):
+    wait = open_page(browser, default_server)
+    gif = demo_scene("shape", tmp_path / "shape.gif")
+    attach_and_ask(browser, wait, gif, "What shape is this?")
+    assert sent_parts(browser) == ["image_url", "text"]
+
+
+def test_images_and_boxes_show_large_and_open_full_size_on_click(default_server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    wait = open_page(browser, default_server)
+    question = "Find the blue star in the image and output its bounding box."
+    answer = attach_and_ask(browser, wait, demo_scene("grounding", tmp_path / "g.png"), question)
+    drawn = answer.find_element(By.CSS_SELECTOR, ".figure")
+    assert drawn.get_attribute("data-boxes") == "1"
+    assert drawn.size["width"] >= 200  # the scene is 62 px wide
+    shown = browser.find_element(By.CSS_SELECTOR, ".msg.user .media img")
+    assert shown.size["width"] >= 200
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "large_images.png"))
+    drawn.click()
+    big = wait.until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#lightbox .figure[data-boxes='1']")
+    )
+    assert big[0].is_displayed() and big[0].size["width"] > 2 * drawn.size["width"]
+    assert browser.save_screenshot(str(ARTIFACTS / "full_size.png"))
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    assert not browser.find_element(By.ID, "lightbox").is_displayed()

@@ -1,11 +1,14 @@
 // The chat page: OpenAI-style messages kept here, answers streamed from /v1/chat/completions
 // (server-sent events read from fetch, since EventSource cannot POST), grounding boxes drawn
-// over the last image. Plain script, no build step; window.qwen2vl exposes helpers for tests.
+// over the last image, an animated GIF sent as a video. Plain script, no build step;
+// window.qwen2vl exposes helpers for tests.
 "use strict";
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const state = { model: null, messages: [], attachments: [], controller: null, lastImage: null };
+  const state = {
+    model: null, about: null, messages: [], attachments: [], controller: null, lastImage: null,
+  };
 
   // Grounding markers as the model writes them (coordinates in [0, 1000) of the image).
   const ITEM = /<\|object_ref_start\|>([\s\S]*?)<\|object_ref_end\|>|<\|box_start\|>([\s\S]*?)<\|box_end\|>|<\|quad_start\|>([\s\S]*?)<\|quad_end\|>/g;
@@ -61,42 +64,100 @@
 
   const PALETTE = ["#e6194b", "#3cb44b", "#0082c8", "#f58231", "#911eb4", "#46f0f0", "#f032e6"];
 
-  // An image with the objects' boxes drawn on a canvas laid over it; resolves to the figure.
-  function drawBoxes(container, src, objects) {
+  // Largest display sizes: in the transcript, and full size (the viewport) after a click.
+  const INLINE = [320, 320];
+  const fullSize = () => [Math.round(innerWidth * 0.94), Math.round(innerHeight * 0.9)];
+
+  // An image scaled to fit maxSize (the synthetic scenes, ~100 px, scale up), with the
+  // objects' boxes drawn on a canvas laid over it; resolves to the figure. An inline figure
+  // opens full size on click.
+  function showImage(container, src, objects = [], maxSize = INLINE) {
     const figure = document.createElement("div");
     figure.className = "figure";
     const img = new Image();
-    const canvas = document.createElement("canvas");
-    figure.append(img, canvas);
+    figure.append(img);
     container.append(figure);
     return new Promise((resolve) => {
       img.onload = () => {
-        const w = (canvas.width = img.naturalWidth);
-        const h = (canvas.height = img.naturalHeight);
-        const ctx = canvas.getContext("2d");
-        ctx.lineWidth = Math.max(2, Math.round(w / 200));
-        ctx.font = `${Math.max(12, Math.round(w / 40))}px sans-serif`;
-        const colours = new Map();
-        for (const obj of objects) {
-          if (!colours.has(obj.label)) colours.set(obj.label, PALETTE[colours.size % PALETTE.length]);
-          ctx.strokeStyle = ctx.fillStyle = colours.get(obj.label);
-          for (const [x1, y1, x2, y2] of obj.boxes) {
-            const [a, b] = [(x1 / 1000) * w, (y1 / 1000) * h];
-            ctx.strokeRect(a, b, ((x2 - x1) / 1000) * w, ((y2 - y1) / 1000) * h);
-            if (obj.label) ctx.fillText(obj.label, a + 3, Math.max(12, b - 4));
-          }
-          for (const quad of obj.quads) {
-            ctx.beginPath();
-            quad.forEach(([x, y], i) => ctx[i ? "lineTo" : "moveTo"]((x / 1000) * w, (y / 1000) * h));
-            ctx.closePath();
-            ctx.stroke();
-          }
-        }
+        const [nw, nh] = [img.naturalWidth, img.naturalHeight];
+        const scale = Math.min(maxSize[0] / nw, maxSize[1] / nh);
+        const [w, h] = [Math.max(1, Math.round(nw * scale)), Math.max(1, Math.round(nh * scale))];
+        Object.assign(img.style, { width: `${w}px`, height: `${h}px` });
+        if (scale >= 2) img.style.imageRendering = "pixelated"; // crisp shapes, not blur
+        if (objects.length) figure.append(boxCanvas(w, h, objects));
         figure.dataset.boxes = String(objects.reduce((n, o) => n + o.boxes.length + o.quads.length, 0));
+        if (maxSize === INLINE) {
+          figure.classList.add("zoomable");
+          figure.title = "Click for full size";
+          figure.onclick = () => openLightbox(src, objects);
+        }
         resolve(figure);
       };
       img.src = src;
     });
+  }
+
+  // The boxes drawn at the displayed size (times the screen's pixel ratio), so lines and
+  // labels stay thin and sharp however much the image was scaled.
+  function boxCanvas(w, h, objects) {
+    const canvas = document.createElement("canvas");
+    const ratio = window.devicePixelRatio || 1;
+    [canvas.width, canvas.height] = [Math.round(w * ratio), Math.round(h * ratio)];
+    const ctx = canvas.getContext("2d");
+    ctx.scale(ratio, ratio);
+    ctx.lineWidth = 2;
+    ctx.font = "bold 13px sans-serif";
+    const colours = new Map();
+    for (const obj of objects) {
+      if (!colours.has(obj.label)) colours.set(obj.label, PALETTE[colours.size % PALETTE.length]);
+      ctx.strokeStyle = ctx.fillStyle = colours.get(obj.label);
+      for (const [x1, y1, x2, y2] of obj.boxes) {
+        const [a, b] = [(x1 / 1000) * w, (y1 / 1000) * h];
+        ctx.strokeRect(a, b, ((x2 - x1) / 1000) * w, ((y2 - y1) / 1000) * h);
+        if (obj.label) ctx.fillText(obj.label, a + 3, b > 16 ? b - 4 : b + 15);
+      }
+      for (const quad of obj.quads) {
+        ctx.beginPath();
+        quad.forEach(([x, y], i) => ctx[i ? "lineTo" : "moveTo"]((x / 1000) * w, (y / 1000) * h));
+        ctx.closePath();
+        ctx.stroke();
+      }
+    }
+    return canvas;
+  }
+
+  function openLightbox(src, objects) {
+    const box = $("lightbox");
+    box.textContent = "";
+    box.hidden = false;
+    return showImage(box, src, objects, fullSize());
+  }
+
+  // How many frames a GIF holds, by walking its blocks; 0 for bytes that are not a GIF.
+  // An animated GIF (the demo's videos are GIFs) goes to the model as a video, not an image.
+  function gifFrames(b) {
+    const magic = String.fromCharCode(...b.subarray(0, 6));
+    if (magic !== "GIF87a" && magic !== "GIF89a") return 0;
+    const table = (flags) => (flags & 0x80 ? 3 * 2 ** ((flags & 7) + 1) : 0); // colour table
+    let pos = 13 + table(b[10]);
+    const skipSubBlocks = () => {
+      while (pos < b.length && b[pos]) pos += b[pos] + 1;
+      pos += 1;
+    };
+    let frames = 0;
+    while (pos < b.length) {
+      if (b[pos] === 0x2c) { // image descriptor, local colour table, LZW code size, data
+        frames += 1;
+        pos += 10 + table(b[pos + 9]) + 1;
+        skipSubBlocks();
+      } else if (b[pos] === 0x21) { // extension: introducer, label, data
+        pos += 2;
+        skipSubBlocks();
+      } else {
+        break; // the trailer (0x3b), or a damaged file: the frames read so far
+      }
+    }
+    return frames;
   }
 
   // ---- talking to the server -------------------------------------------------------------
@@ -114,7 +175,9 @@
       const body = await r.json();
       if (!r.ok) throw new Error(body.error?.message ?? r.statusText);
       state.model = body.data[0].id;
+      state.about = body.data[0].qwen2vl ?? null;
       $("model").textContent = state.model;
+      showNotice();
     } catch (e) {
       $("model").textContent = `model list failed: ${e.message} (set the API key in Settings?)`;
     }
@@ -149,6 +212,7 @@
     if (text) content.push({ type: "text", text });
     const image = state.attachments.filter((a) => a.kind === "image").pop();
     if (image) state.lastImage = image.url;
+    $("notice")?.remove();
     bubble("user", text, state.attachments);
     state.messages.push({ role: "user", content });
     setAttachments([]);
@@ -186,7 +250,10 @@
       }
       state.messages.push({ role: "assistant", content: answer });
       const objects = parseGrounding(answer);
-      if (objects.length && state.lastImage) await drawBoxes(out, state.lastImage, objects);
+      if (objects.length && state.lastImage) {
+        await showImage(out, state.lastImage, objects);
+        $("log").scrollTop = $("log").scrollHeight;
+      }
       out.dataset.state = "done";
     } catch (e) {
       state.messages.pop(); // keep the history to turns that got an answer
@@ -208,10 +275,13 @@
       const media = document.createElement("div");
       media.className = "media";
       for (const a of attachments) {
-        const m = document.createElement(a.kind === "image" ? "img" : "video");
-        m.src = a.url;
-        if (a.kind === "video") m.controls = true;
-        media.append(m);
+        if (!a.url.startsWith("data:video/")) {
+          showImage(media, a.url); // an image, or an animated GIF sent as a video
+          continue;
+        }
+        const video = document.createElement("video");
+        Object.assign(video, { src: a.url, controls: true });
+        media.append(video);
       }
       el.append(media);
     }
@@ -230,7 +300,7 @@
     list.forEach((a, i) => {
       const chip = document.createElement("span");
       chip.className = "chip";
-      if (a.kind === "image") {
+      if (a.url.startsWith("data:image/")) {
         const img = document.createElement("img");
         img.src = a.url;
         chip.append(img);
@@ -240,20 +310,58 @@
       remove.textContent = "×";
       remove.title = `remove ${a.name}`;
       remove.onclick = () => setAttachments(state.attachments.filter((_, j) => j !== i));
-      chip.append(a.name, remove);
+      chip.append(a.kind === "video" ? `${a.name} (video)` : a.name, remove);
       box.append(chip);
     });
   }
 
-  function readFile(file) {
-    return new Promise((resolve, reject) => {
+  async function readFile(file) {
+    const url = await new Promise((resolve, reject) => {
       const reader = new FileReader();
-      reader.onload = () => resolve({
-        kind: file.type.startsWith("video/") ? "video" : "image", url: reader.result, name: file.name,
-      });
+      reader.onload = () => resolve(reader.result);
       reader.onerror = () => reject(reader.error);
       reader.readAsDataURL(file);
     });
+    const animated = file.type === "image/gif" && gifFrames(new Uint8Array(await file.arrayBuffer())) > 1;
+    return { kind: file.type.startsWith("video/") || animated ? "video" : "image", url, name: file.name };
+  }
+
+  // The empty chat's note on the embedded default model: what it knows, two questions it
+  // answers, and how to serve a real checkpoint. The text comes from the model card.
+  function showNotice() {
+    $("notice")?.remove();
+    const about = state.about;
+    if (!about?.default_model || $("log").querySelector(".msg")) return;
+    const notice = element("section", "", withCode(about.note));
+    notice.id = "notice";
+    const list = element("ul", "");
+    for (const { attach, ask: question } of about.examples) {
+      const example = element("button", "example", question);
+      example.type = "button";
+      example.title = "Put this question in the box";
+      example.onclick = () => {
+        $("prompt").value = question;
+        $("prompt").focus();
+      };
+      list.append(element("li", "", "Attach ", element("code", "", attach), " and ask ", example));
+    }
+    notice.append(
+      element("p", "", "Try it: run ", element("code", "", "qwen2vl demo"), ", then"), list,
+      element("p", "", "For a real model: ", element("code", "", about.real_model)),
+    );
+    $("log").append(notice);
+  }
+
+  function element(tag, className, ...children) {
+    const el = document.createElement(tag);
+    el.className = className;
+    el.append(...children);
+    return el;
+  }
+
+  // A paragraph of text with `backticked` spans as code.
+  function withCode(text) {
+    return element("p", "", ...text.split("`").map((part, i) => (i % 2 ? element("code", "", part) : part)));
   }
 
   function setBusy(busy) {
@@ -284,6 +392,11 @@
     state.messages = [];
     state.lastImage = null;
     $("log").textContent = "";
+    showNotice();
+  });
+  $("lightbox").addEventListener("click", () => ($("lightbox").hidden = true));
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") $("lightbox").hidden = true;
   });
   $("api-key").value = localStorage.getItem("qwen2vl-api-key") ?? "";
   $("api-key").addEventListener("change", () => {
@@ -291,6 +404,6 @@
     loadModel();
   });
 
-  window.qwen2vl = { parseGrounding, drawBoxes, renderAnswer, state };
+  window.qwen2vl = { parseGrounding, showImage, renderAnswer, gifFrames, state };
   loadModel();
 })();
