@@ -8,6 +8,7 @@ from importlib.metadata import version
 import numpy as np
 import pytest
 import torch
+from loading import Loading
 from PIL import Image
 from tiny_qwen2vl import tiny_real_vocab_checkpoint
 
@@ -111,21 +112,6 @@ def test_bad_numbers_are_refused_before_any_work(args, tmp_path):
     r = qwen2vl(*args)
     assert r.returncode == 2 and "error:" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
-
-
-class Loading(Exception):
-    """Raised by a stand-in loader: every check passed and the weights were about to be read."""
-
-
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Any read of a checkpoint's weights fails the test."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("weights were read")
-
-    monkeypatch.setattr("qwen2vl.weights.read_state_dict", fail)
-    monkeypatch.setattr("qwen2vl.generation.load.load_model", fail)
 
 
 def one_error_line(capsys) -> str:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from loading import Loading
 
 from qwen2vl.cli import main, parser
 from qwen2vl.serve.cli import _limits, build_app
@@ -37,21 +38,6 @@ def test_the_main_parser_wires_a_serve_command():
 def test_device_and_dtype_default_to_auto():
     args = parser().parse_args(["serve"])
     assert (args.device, args.dtype) == ("auto", "auto")
-
-
-class Loading(Exception):
-    """Raised by a stand-in loader: every check passed and the weights were about to be read."""
-
-
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Any read of a checkpoint's weights fails the test."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("weights were read")
-
-    monkeypatch.setattr("qwen2vl.weights.read_state_dict", fail)
-    monkeypatch.setattr("qwen2vl.generation.load.load_model", fail)
 
 
 @pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
