@@ -235,15 +235,16 @@ def _chat(args: argparse.Namespace) -> int:
     media = _media_parts(args.image, args.video)
     text = [] if args.prompt is None else [{"type": "text", "text": args.prompt}]
     first = system + [{"role": "user", "content": media + text}]
+    processor = load_processor(path, access=access)
     if media or text:  # the plan reads media headers, no pixels: bad media fail before weights
-        load_processor(path, access=access).plan(first)
+        processor.plan(first)
     pipe = Pipeline.from_pretrained(
         path,
         dtype=dtype,
         quantize=args.quantize,
         device=device,
         progress=_progress_bar("loading weights"),
-        access=access,
+        processor=processor,
     )
     if args.prompt is not None:
         _answer(pipe, first, sampling)

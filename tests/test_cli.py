@@ -8,7 +8,7 @@ from importlib.metadata import version
 import numpy as np
 import pytest
 import torch
-from loading import Loading
+from loading import Loading, stop_at_load
 from PIL import Image
 from tiny_qwen2vl import tiny_real_vocab_checkpoint
 
@@ -151,13 +151,7 @@ def test_video_without_pyav_names_the_extra_before_reading_weights(
 
 def test_chat_loads_on_the_resolved_device_and_dtype(ckpt, picture, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    asked = {}
-
-    def load(path, dtype, device, **kwargs):
-        asked.update(dtype=dtype, device=device)
-        raise Loading
-
-    monkeypatch.setattr("qwen2vl.generation.pipeline.load_for_inference", load)
+    asked = stop_at_load(monkeypatch, "qwen2vl.generation.pipeline.load_for_inference")
     with pytest.raises(Loading):
         main(["chat", "--model", str(ckpt), "--image", picture, "hi"])
     assert asked == {"dtype": torch.bfloat16, "device": torch.device("cpu")}

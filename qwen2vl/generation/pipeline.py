@@ -74,15 +74,17 @@ class Pipeline:
         quantize: str | None = None,
         device: str = "cpu",
         progress: Callable[[int, int], None] | None = None,
+        processor: Processor | None = None,
         **processor_kwargs: Any,
     ) -> Pipeline:
-        """The model through ``load_for_inference``; ``processor_kwargs`` go to the processor.
-        ``path`` is a checkpoint directory or a repo id ``Org/Name`` (see ``resolve_model``)."""
+        """The model through ``load_for_inference``; ``processor_kwargs`` go to the processor,
+        unless the caller loaded it already (``processor``). ``path`` is a checkpoint directory or
+        a repo id ``Org/Name`` (see ``resolve_model``)."""
         path = resolve_model(path)
         model = load_for_inference(path, dtype, device, quantize=quantize, progress=progress)
         return cls(
             model,
-            load_processor(path, **processor_kwargs),
+            processor or load_processor(path, **processor_kwargs),
             stop_token_ids=_generation_eos(Path(path)),
         )
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from loading import Loading
+from loading import Loading, stop_at_load
 
 from qwen2vl.cli import main, parser
 from qwen2vl.serve.cli import _limits, build_app
@@ -73,13 +73,7 @@ def test_serve_loads_on_the_resolved_device_and_dtype(ckpt, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
-    asked = {}
-
-    def load(path, dtype, device, **kwargs):
-        asked.update(dtype=dtype, device=device)
-        raise Loading
-
-    monkeypatch.setattr("qwen2vl.generation.load.load_for_inference", load)
+    asked = stop_at_load(monkeypatch, "qwen2vl.generation.load.load_for_inference")
     with pytest.raises(Loading):
         build_app(parser().parse_args(["serve", "--model", str(ckpt)]))
     assert asked == {"dtype": torch.bfloat16, "device": torch.device("cuda:0")}
