@@ -41,8 +41,13 @@ from qwen2vl.bench import (
     print_table,
     timed,
 )
+from qwen2vl.config import Qwen2VLConfig
 
 REFERENCE = "transformers bf16"
+REFERENCE_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,7 +87,8 @@ def measure_transformers(path: Path, batch: dict, *, new_tokens: int, repeats: i
 
     def load():
         # .to() rather than device_map=: device_map needs accelerate, not a dependency here
-        cls = transformers.Qwen2VLForConditionalGeneration
+        family = Qwen2VLConfig.from_file(path / "config.json").model_type
+        cls = getattr(transformers, REFERENCE_CLASSES[family])
         return cls.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
 
     load_s, model = timed(load)

@@ -1,6 +1,6 @@
 """qwen2vl: a small, fast, correct Python implementation of Qwen2-VL."""
 
-from qwen2vl.config import PRESETS, Qwen2VLConfig, TextConfig, VisionConfig, preset
+from qwen2vl.config import Qwen2VLConfig, TextConfig, VisionConfig
 from qwen2vl.errors import (
     CheckpointError,
     ConfigError,
@@ -25,6 +25,7 @@ from qwen2vl.media import (
     smart_resize,
 )
 from qwen2vl.model import Qwen2VL, Qwen2VLOutput
+from qwen2vl.presets import PRESETS, preset
 from qwen2vl.processor import Processor, load_processor
 from qwen2vl.tokenizer import Tokenizer
 from qwen2vl.weights import load_model, save_pretrained

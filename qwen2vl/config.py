@@ -1,4 +1,11 @@
-"""Config dataclasses for Qwen2-VL, read from both config.json styles in the wild.
+"""Config dataclasses for Qwen2-VL and Qwen2.5-VL, read from both config.json styles in the wild.
+
+The two families share the LLM and the system (dynamic resolution, M-RoPE, ChatML); the ViT of
+Qwen2.5-VL differs in fields of ``VisionConfig`` (``norm``, ``mlp``, ``window_size``,
+``fullatt_block_indexes``) and its videos carry absolute time (``tokens_per_second``). The
+vision_config key names differ: Qwen2-VL writes the ViT width as ``embed_dim`` and the LLM width
+as ``hidden_size``; Qwen2.5-VL writes the ViT width as ``hidden_size`` and the LLM width as
+``out_hidden_size``. Ours are ``embed_dim`` and ``hidden_size`` for both.
 
 Two styles exist:
 - the official flat one the Qwen releases ship: LLM fields at top level,
@@ -7,14 +14,15 @@ Two styles exist:
 - the nested one transformers >= 5 writes: ``text_config`` and ``vision_config`` sub-dicts,
   ``rope_parameters`` instead of ``rope_scaling``/``rope_theta``, ``in_channels``.
 
-``Qwen2VLConfig.from_hf`` normalises both; ``to_hf`` writes the official flat style, which every
-transformers version (4.45+ and 5.x) and vLLM read.
+``Qwen2VLConfig.from_hf`` normalises both; ``to_hf`` writes the official flat style of the
+config's ``model_type``, which every transformers version (4.45+ / 4.49+ and 5.x) and vLLM read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -66,9 +74,21 @@ _GENERIC_KEYS = {
 }
 
 
+# How a ViT block normalises and which MLP it runs; the name of each is a VisionConfig value.
+NORMS = ("layernorm", "rmsnorm")  # LayerNorm with bias (Qwen2-VL); RMSNorm, weight only (2.5)
+MLPS = ("fc", "gated")  # fc1 -> act -> fc2 (Qwen2-VL); down(act(gate(x)) * up(x)) (2.5)
+ACTS = ("quick_gelu", "silu")
+
+
 @dataclass
 class VisionConfig:
-    """The ViT: Conv3d patch embed, ``depth`` pre-LN blocks, 2x2 patch merger into the LLM width."""
+    """The ViT: Conv3d patch embed, ``depth`` pre-norm blocks, 2x2 patch merger into the LLM width.
+
+    ``window_size`` (pixels, Qwen2.5-VL: 112) makes every block outside ``fullatt_block_indexes``
+    attend only inside square windows of that size; None: every block sees the whole image or
+    frame. ``tokens_per_second`` (Qwen2.5-VL: 2) puts a video's temporal M-RoPE ids on a time
+    axis (see ``rope.mrope_positions``); None: the ids count temporal patches (Qwen2-VL).
+    """
 
     depth: int = 32
     embed_dim: int = 1280
@@ -81,6 +101,12 @@ class VisionConfig:
     temporal_patch_size: int = 2
     hidden_act: str = "quick_gelu"
     rope_theta: float = 10000.0
+    norm: str = "layernorm"
+    mlp: str = "fc"
+    intermediate_size: int | None = None  # MLP width; None: embed_dim * mlp_ratio
+    window_size: int | None = None
+    fullatt_block_indexes: list[int] = field(default_factory=list)
+    tokens_per_second: float | None = None
 
     def __post_init__(self) -> None:
         _positive(
@@ -104,10 +130,39 @@ class VisionConfig:
             raise ConfigError(
                 f"vision head_dim={self.head_dim} must be a multiple of 4 (2D rotary)"
             )
-        if self.hidden_act != "quick_gelu":
+        for name, allowed in (("hidden_act", ACTS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"vision_config.{name}={getattr(self, name)!r} is not supported "
+                    f"(one of {', '.join(map(repr, allowed))})"
+                )
+        if self.intermediate_size is not None:
+            _positive(self, "intermediate_size")
+        self._check_windows()
+        if self.tokens_per_second is not None and not self.tokens_per_second > 0:
             raise ConfigError(
-                f"vision_config.hidden_act={self.hidden_act!r} is not supported "
-                "(Qwen2-VL uses 'quick_gelu')"
+                f"vision_config.tokens_per_second={self.tokens_per_second!r} must be positive"
+            )
+
+    def _check_windows(self) -> None:
+        self.fullatt_block_indexes = [int(i) for i in self.fullatt_block_indexes]
+        if self.window_size is None:
+            return
+        unit = self.patch_size * self.spatial_merge_size
+        if (
+            not isinstance(self.window_size, int)
+            or self.window_size % unit
+            or self.window_size <= 0
+        ):
+            raise ConfigError(
+                f"vision_config.window_size={self.window_size!r} must be a positive multiple of "
+                f"patch_size * spatial_merge_size = {unit} pixels"
+            )
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError(
+                f"vision_config.fullatt_block_indexes={self.fullatt_block_indexes}: {bad} are "
+                f"not blocks of a depth-{self.depth} ViT"
             )
 
     @property
@@ -116,7 +171,14 @@ class VisionConfig:
 
     @property
     def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        return self.intermediate_size or int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def window_units(self) -> int | None:
+        """Side of an attention window in merged units (112 px / 28 px = 4), or None."""
+        if self.window_size is None:
+            return None
+        return self.window_size // (self.patch_size * self.spatial_merge_size)
 
 
 @dataclass
@@ -184,8 +246,10 @@ class Qwen2VLConfig:
     bos_token_id: int | None = 151643
     eos_token_id: int | list[int] | None = 151645
     torch_dtype: str = "bfloat16"
+    model_type: str = "qwen2_vl"  # the config.json family to_hf writes (see FAMILIES)
 
     def __post_init__(self) -> None:
+        self._check_family()
         if self.vision.hidden_size != self.text.hidden_size:
             raise ConfigError(
                 f"vision_config.hidden_size={self.vision.hidden_size} must equal the "
@@ -203,14 +267,29 @@ class Qwen2VLConfig:
                     f"{name}={value} is outside the vocabulary (vocab_size={self.text.vocab_size})"
                 )
 
+    def _check_family(self) -> None:
+        """Each family's config.json describes only its own ViT; refuse what to_hf cannot write."""
+        if self.model_type not in FAMILIES:
+            raise ConfigError(
+                f"model_type={self.model_type!r}: this is not a Qwen2-VL or Qwen2.5-VL "
+                f"checkpoint (expected one of {', '.join(map(repr, FAMILIES))})"
+            )
+        for name, want in FAMILIES[self.model_type].vision.items():
+            got = getattr(self.vision, name)
+            if want is _SET and got is None or want is not _SET and got != want:
+                raise ConfigError(
+                    f"vision_config.{name}={got!r} does not fit model_type={self.model_type!r} "
+                    f"(which needs {'a value' if want is _SET else repr(want)})"
+                )
+
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> Qwen2VLConfig:
         """Build from a config.json dict in either the official flat or the transformers-5 style."""
         model_type = d.get("model_type")
-        if model_type != "qwen2_vl":
+        if model_type not in FAMILIES:
             raise ConfigError(
-                f"model_type={model_type!r}: this is not a Qwen2-VL checkpoint "
-                "(expected 'qwen2_vl')"
+                f"model_type={model_type!r}: this is not a Qwen2-VL or Qwen2.5-VL checkpoint "
+                f"(expected one of {', '.join(map(repr, FAMILIES))})"
             )
         top = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
         text = {**top, **(d.get("text_config") or {})}
@@ -230,8 +309,9 @@ class Qwen2VLConfig:
         dtype = d.get("torch_dtype") or d.get("dtype") or text.get("dtype") or "bfloat16"
         return cls(
             text=_text_from_hf(text),
-            vision=_vision_from_hf(d.get("vision_config") or {}),
+            vision=_vision_from_hf(d.get("vision_config") or {}, FAMILIES[model_type]),
             torch_dtype=str(dtype).removeprefix("torch."),
+            model_type=model_type,
             **kwargs,
         )
 
@@ -249,11 +329,11 @@ class Qwen2VLConfig:
         return cls.from_hf(d)
 
     def to_hf(self) -> dict[str, Any]:
-        """The official flat config.json style."""
-        t, v = self.text, self.vision
+        """The official flat config.json style of this config's model_type."""
+        t, family = self.text, FAMILIES[self.model_type]
         return {
-            "architectures": ["Qwen2VLForConditionalGeneration"],
-            "model_type": "qwen2_vl",
+            "architectures": [family.architecture],
+            "model_type": self.model_type,
             "attention_dropout": 0.0,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
@@ -278,18 +358,7 @@ class Qwen2VLConfig:
             "torch_dtype": self.torch_dtype,
             "use_cache": True,
             "use_sliding_window": False,
-            "vision_config": {
-                "depth": v.depth,
-                "embed_dim": v.embed_dim,
-                "mlp_ratio": v.mlp_ratio,
-                "num_heads": v.num_heads,
-                "in_chans": v.in_channels,
-                "hidden_size": v.hidden_size,
-                "patch_size": v.patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                "hidden_act": v.hidden_act,
-            },
+            "vision_config": family.vision_to_hf(self.vision),
             "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
             "vocab_size": t.vocab_size,
         }
@@ -322,21 +391,110 @@ def _text_from_hf(d: dict[str, Any]) -> TextConfig:
     return _build(TextConfig, kwargs, "text_config")
 
 
-def _vision_from_hf(d: dict[str, Any]) -> VisionConfig:
+def _vision_from_hf(d: dict[str, Any], family: Family) -> VisionConfig:
     d = dict(d)
     if "in_chans" in d:
         d.setdefault("in_channels", d.pop("in_chans"))
-    # Older configs wrote the merger width under both names; 'hidden_size' is the one models read.
+    d = {family.names.get(k, k): v for k, v in d.items()}
+    # Older Qwen2-VL configs wrote the merger width under both names; 'hidden_size' is the one
+    # models read.
     names = {f.name for f in fields(VisionConfig)} - {"rope_theta"}
-    kwargs = {k: d[k] for k in names if k in d}
+    kwargs = {**family.defaults, **{k: d[k] for k in names if k in d}}
     rope = d.get("rope_parameters") or {}
     if "rope_theta" in rope:
         kwargs["rope_theta"] = rope["rope_theta"]
     for key in ("patch_size", "temporal_patch_size"):
         if isinstance(kwargs.get(key), (list, tuple)):
             raise ConfigError(f"vision_config.{key}={kwargs[key]} must be a single integer")
-    _warn_unknown(d, "vision_config", names | {"num_attention_heads", "num_hidden_layers"})
+    known = names | {"num_attention_heads", "num_hidden_layers"} | family.ignored
+    _warn_unknown(d, "vision_config", known)
     return _build(VisionConfig, kwargs, "vision_config")
+
+
+def _qwen2_vision_to_hf(v: VisionConfig) -> dict[str, Any]:
+    return {
+        "depth": v.depth,
+        "embed_dim": v.embed_dim,
+        "mlp_ratio": v.mlp_ratio,
+        "num_heads": v.num_heads,
+        "in_chans": v.in_channels,
+        "hidden_size": v.hidden_size,
+        "patch_size": v.patch_size,
+        "spatial_merge_size": v.spatial_merge_size,
+        "temporal_patch_size": v.temporal_patch_size,
+        "hidden_act": v.hidden_act,
+    }
+
+
+def _qwen25_vision_to_hf(v: VisionConfig) -> dict[str, Any]:
+    return {
+        "depth": v.depth,
+        "hidden_act": v.hidden_act,
+        "hidden_size": v.embed_dim,
+        "intermediate_size": v.mlp_dim,
+        "num_heads": v.num_heads,
+        "in_chans": v.in_channels,
+        "in_channels": v.in_channels,  # the name transformers reads; in_chans the release's
+        "out_hidden_size": v.hidden_size,
+        "patch_size": v.patch_size,
+        "spatial_patch_size": v.patch_size,
+        "spatial_merge_size": v.spatial_merge_size,
+        "temporal_patch_size": v.temporal_patch_size,
+        "window_size": v.window_size,
+        "fullatt_block_indexes": list(v.fullatt_block_indexes),
+        "tokens_per_second": v.tokens_per_second,
+    }
+
+
+_SET = object()  # in Family.vision: the field must have a value (not None)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one model_type's config.json says about the ViT and how it names it."""
+
+    architecture: str  # the transformers class in "architectures"
+    vision: dict[str, Any]  # VisionConfig values this family always has
+    names: dict[str, str]  # vision_config key -> our VisionConfig field, where they differ
+    defaults: dict[str, Any]  # VisionConfig values for keys a config.json leaves out
+    ignored: frozenset[str]  # vision_config keys that describe nothing we build
+    vision_to_hf: Callable[[VisionConfig], dict[str, Any]]
+
+
+FAMILIES = {
+    "qwen2_vl": Family(
+        architecture="Qwen2VLForConditionalGeneration",
+        vision=dict(
+            norm="layernorm",
+            mlp="fc",
+            intermediate_size=None,
+            window_size=None,
+            fullatt_block_indexes=[],
+            tokens_per_second=None,
+        ),
+        names={},
+        defaults={},
+        ignored=frozenset(),
+        vision_to_hf=_qwen2_vision_to_hf,
+    ),
+    # Defaults: transformers' Qwen2_5_VLVisionConfig (releases always write these keys).
+    "qwen2_5_vl": Family(
+        architecture="Qwen2_5_VLForConditionalGeneration",
+        vision=dict(norm="rmsnorm", mlp="gated", window_size=_SET, tokens_per_second=_SET),
+        names={"hidden_size": "embed_dim", "out_hidden_size": "hidden_size"},
+        defaults=dict(
+            norm="rmsnorm",
+            mlp="gated",
+            hidden_act="silu",
+            intermediate_size=3420,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            tokens_per_second=4,
+        ),
+        ignored=frozenset({"spatial_patch_size"}),
+        vision_to_hf=_qwen25_vision_to_hf,
+    ),
+}
 
 
 def _build(cls: type, kwargs: dict[str, Any], where: str):
@@ -357,34 +515,3 @@ def _warn_unknown(d: dict[str, Any], where: str, known: set[str]) -> None:
     unknown = sorted(set(d) - known - _GENERIC_KEYS)
     if unknown:
         log.warning("%s: ignoring unknown keys %s", where, unknown)
-
-
-def _preset(
-    hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int, tie: bool
-) -> Qwen2VLConfig:
-    text = TextConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        tie_word_embeddings=tie,
-    )
-    return Qwen2VLConfig(text=text, vision=VisionConfig(hidden_size=hidden))
-
-
-# The released checkpoints' architectures (Qwen/Qwen2-VL-{2B,7B,72B}-Instruct config.json).
-PRESETS = {
-    "2B": lambda: _preset(1536, 8960, 28, 12, 2, 151936, tie=True),
-    "7B": lambda: _preset(3584, 18944, 28, 28, 4, 152064, tie=False),
-    "72B": lambda: _preset(8192, 29568, 80, 64, 8, 152064, tie=False),
-}
-
-
-def preset(name: str) -> Qwen2VLConfig:
-    """The config of an official release: '2B', '7B' or '72B'."""
-    try:
-        return PRESETS[name.upper()]()
-    except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

@@ -4,6 +4,10 @@ One conversation is rendered to ids with one placeholder per image/video (``chat
 injection-safe), each visual item is processed (``media.process_part``, per-item keys honoured) and
 its placeholder expanded to grid_t*grid_h*grid_w/merge^2 tokens. Several conversations are
 left-padded into one batch. ``plan`` runs the same path on metadata only (no pixels).
+
+Every video records its seconds per temporal grid step (temporal_patch_size / sampled fps); a
+checkpoint whose M-RoPE puts videos on a time axis (Qwen2.5-VL: vision ``tokens_per_second``)
+gets them in its batches as ``second_per_grid_ts``, as transformers' Qwen2.5-VL processor does.
 """
 
 from __future__ import annotations
@@ -34,6 +38,23 @@ class VisualEncoding:
     tokens: int
     plan: Any  # media.ImagePlan | media.VideoPlan (sizes, frames, timestamps)
     pixel_values: torch.Tensor | None = None  # [t*h*w, 3*2*14*14]; None when only planned
+    second_per_grid: float | None = None  # video: temporal_patch_size / sampled fps; image: None
+
+
+def position_inputs(
+    visuals: Sequence[VisualEncoding], device: torch.device | str | None = None
+) -> dict[str, torch.Tensor | None]:
+    """What ``Qwen2VL.positions`` / ``mrope_positions`` need of a sequence's visual items, as
+    keyword arguments: image_grid_thw, video_grid_thw and second_per_grid_ts (None where there
+    is no such item; the seconds are read only by checkpoints with absolute time)."""
+    images = [v.grid_thw for v in visuals if v.kind == "image"]
+    videos = [v for v in visuals if v.kind == "video"]
+    tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=device) if x else None  # noqa: E731
+    return {
+        "image_grid_thw": tensor(images, torch.long),
+        "video_grid_thw": tensor([v.grid_thw for v in videos], torch.long),
+        "second_per_grid_ts": tensor([v.second_per_grid for v in videos], torch.float32),
+    }
 
 
 @dataclass
@@ -67,12 +88,16 @@ class Processor:
         *,
         access: MediaAccess = DEFAULT_ACCESS,
         max_model_len: int | None = None,
+        absolute_time: bool = False,
+        model_type: str = "qwen2_vl",
     ):
         self.tokenizer = tokenizer
         self.media = media or MediaConfig()
         self.chat_template = chat_template
         self.access = access  # where media may be read from (see media.MediaAccess)
         self.max_model_len = max_model_len
+        self.absolute_time = absolute_time  # batches carry second_per_grid_ts (Qwen2.5-VL)
+        self.model_type = model_type  # the family: which frame its boxes are in (grounding.py)
         self.pad_token_id = tokenizer.endoftext_id
 
     def apply_chat_template(
@@ -121,15 +146,19 @@ class Processor:
 
     def _visual(self, kind: str, part: Mapping[str, Any], pixels: bool) -> VisualEncoding:
         merge2 = self.media.merge_size**2
-        if not pixels:
+        pixel_values = None
+        if pixels:
+            result = process_part(dict(part), self.media, access=self.access)
+            pixel_values, grid_thw = result
+            plan = getattr(result, "plan", None)
+        else:
             plan = plan_part(dict(part), self.media, access=self.access)
-            grid = tuple(int(g) for g in plan.grid_thw)
-            return VisualEncoding(kind, part, grid, _prod(grid) // merge2, plan)
-        result = process_part(dict(part), self.media, access=self.access)
-        pixel_values, grid_thw = result
+            grid_thw = plan.grid_thw
         grid = tuple(int(g) for g in grid_thw)
-        plan = getattr(result, "plan", None)
-        return VisualEncoding(kind, part, grid, _prod(grid) // merge2, plan, pixel_values)
+        seconds = None
+        if kind == "video":
+            seconds = self.media.temporal_patch_size / plan.sample_fps
+        return VisualEncoding(kind, part, grid, _prod(grid) // merge2, plan, pixel_values, seconds)
 
     def __call__(
         self,
@@ -165,6 +194,8 @@ class Processor:
             if items:
                 batch[pv_key] = torch.cat([v.pixel_values for v in items])
                 batch[f"{kind}_grid_thw"] = torch.tensor([v.grid_thw for v in items])
+                if kind == "video" and self.absolute_time:
+                    batch["second_per_grid_ts"] = torch.tensor([v.second_per_grid for v in items])
         return batch
 
     def plan(
@@ -194,22 +225,26 @@ class Processor:
 
 def load_processor(path: str | Path | None = None, **kwargs: Any) -> Processor:
     """Tokenizer, chat template and media defaults of a checkpoint directory (or the bundled
-    tokenizer and official defaults when ``path`` is None or lacks the files)."""
+    tokenizer and official defaults when ``path`` is None or lacks the files); its config.json,
+    when there is one, gives max_model_len and whether videos carry absolute time."""
     tokenizer = Tokenizer.from_dir(path)
     if path is None:
         return Processor(tokenizer, **kwargs)
     media = load_media_config(path)
-    if "max_model_len" not in kwargs:
-        kwargs["max_model_len"] = _max_model_len(Path(path))
+    cfg = _model_config(Path(path))
+    if cfg is not None:
+        kwargs.setdefault("max_model_len", cfg.text.max_position_embeddings)
+        kwargs.setdefault("absolute_time", cfg.vision.tokens_per_second is not None)
+        kwargs.setdefault("model_type", cfg.model_type)
     return Processor(tokenizer, media, load_chat_template(path), **kwargs)
 
 
-def _max_model_len(path: Path) -> int | None:
+def _model_config(path: Path):
     from qwen2vl.config import Qwen2VLConfig
 
     if not (path / "config.json").is_file():
         return None
-    return Qwen2VLConfig.from_file(path / "config.json").text.max_position_embeddings
+    return Qwen2VLConfig.from_file(path / "config.json")
 
 
 def _as_conversations(x: Any) -> list[Messages]:

@@ -1,6 +1,6 @@
 """Checkpoint I/O: Hugging Face layout, safetensors only (memory-mapped), strict key matching.
 
-Accepted key layouts, mapped by one prefix table:
+Accepted key layouts (the same for Qwen2-VL and Qwen2.5-VL), mapped by one prefix table:
 - official releases: ``model.*`` (LLM), ``visual.*`` (ViT), ``lm_head.weight``;
 - transformers >= 4.52 / 5 runtime names: ``model.language_model.*``, ``model.visual.*``.
 We always write the official layout, which every transformers version and vLLM read.
@@ -85,7 +85,8 @@ def checkpoint_files(path: Path) -> list[Path]:
         raise CheckpointError(
             f"{path} holds only pickled PyTorch weights (.bin/.pt), which qwen2vl does not load "
             "(unpickling runs arbitrary code). Convert once with transformers: "
-            "`Qwen2VLForConditionalGeneration.from_pretrained(path).save_pretrained(out, "
+            "`Qwen2VLForConditionalGeneration` (or `Qwen2_5_VLForConditionalGeneration`)"
+            "`.from_pretrained(path).save_pretrained(out, "
             "safe_serialization=True)`, then load `out`."
         )
     raise CheckpointError(f"{path}: no {SINGLE} or {INDEX} found")
@@ -113,13 +114,15 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
 ) -> Qwen2VL:
-    """Open a Qwen2-VL checkpoint directory (Hugging Face layout) as a ``Qwen2VL`` in eval mode.
+    """Open a Qwen2-VL or Qwen2.5-VL checkpoint directory (Hugging Face layout) as a ``Qwen2VL``
+    in eval mode.
 
     ``progress(done, total)`` is called after each tensor is placed (the CLI draws a bar).
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
+    _refuse_quantized(path)
     cfg = Qwen2VLConfig.from_file(path / "config.json")
     dtype = resolve_dtype(dtype, cfg)
     state = read_state_dict(path)
@@ -135,6 +138,22 @@ def load_model(
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+def _refuse_quantized(path: Path) -> None:
+    """A quantised checkpoint holds other tensors than the float model: one line, not a key list."""
+    try:
+        spec = json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return  # Qwen2VLConfig.from_file reports the file
+    if spec is None:
+        return
+    method = spec.get("quant_method") if isinstance(spec, dict) else spec
+    raise CheckpointError(
+        f"{path}: a quantised checkpoint (quantization_config.quant_method={method!r}); "
+        "load_model reads float weights only. qwen2vl's own int8/int4 checkpoints load with "
+        "qwen2vl.load_for_inference; other formats are not supported yet"
+    )
 
 
 def check_keys(model: Qwen2VL, state: dict[str, torch.Tensor]) -> None:

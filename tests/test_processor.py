@@ -1,5 +1,6 @@
 """The Processor (messages in, batch out) against transformers tokenizer + image processor."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,54 @@ def test_typed_special_tokens_stay_text(proc):
 def test_malformed_messages_are_clear_errors(proc, bad, error):
     with pytest.raises(error):
         proc(bad)
+
+
+def video_messages(sample_fps: float) -> list:
+    frames = [Image.new("RGB", (64, 48), (i * 8, 0, 0)) for i in range(8)]
+    part = {"type": "video", "video": frames, "sample_fps": sample_fps}
+    return [{"role": "user", "content": [part, {"type": "text", "text": "What moves?"}]}]
+
+
+def test_qwen25_batches_carry_seconds_per_grid_of_each_video(tmp_path):
+    from tiny_qwen25 import tiny_config
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_hf()))
+    proc = load_processor(tmp_path)
+    assert proc.absolute_time
+    batch = proc([video_messages(2), video_messages(4)])
+    # temporal_patch_size 2 / sampled fps, per video in batch order
+    assert batch["second_per_grid_ts"].tolist() == [1.0, 0.5]
+    assert [v.second_per_grid for v in proc.plan(video_messages(4)).visuals] == [0.5]
+
+
+def test_qwen2vl_batches_have_no_seconds_per_grid(tmp_path):
+    from tiny_qwen2vl import tiny_config
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(real_vocab=True).to_hf()))
+    proc = load_processor(tmp_path)
+    assert not proc.absolute_time
+    assert "second_per_grid_ts" not in proc(video_messages(4))
+
+
+def test_position_inputs_of_an_encoding_give_the_model_its_positions(tmp_path):
+    from tiny_qwen25 import tiny_config
+
+    import qwen2vl
+    from qwen2vl.processor import position_inputs
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_hf()))
+    proc = load_processor(tmp_path)
+    messages = video_messages(1)  # 2 s per grid step: temporal ids 4 apart (tokens_per_second 2)
+    messages[0]["content"].insert(0, {"type": "image", "image": Image.new("RGB", (56, 56))})
+    enc = proc.encode(messages)
+    batch = proc(messages)
+    kwargs = position_inputs(enc.visuals)
+    assert torch.equal(kwargs["image_grid_thw"], batch["image_grid_thw"])
+    assert torch.equal(kwargs["video_grid_thw"], batch["video_grid_thw"])
+    assert torch.equal(kwargs["second_per_grid_ts"], batch["second_per_grid_ts"])
+    model = qwen2vl.Qwen2VL(tiny_config())
+    ids = torch.tensor([enc.ids])
+    pos, _ = model.positions(ids, None, **kwargs)
+    times = sorted(set(pos[0, 0, ids[0] == proc.tokenizer.video_pad_id].tolist()))
+    assert [t - times[0] for t in times] == [0, 4, 8, 12]
+    assert position_inputs([])["video_grid_thw"] is None

@@ -123,3 +123,30 @@ def test_joined_model_checks_feature_token_counts():
             pixel_values=torch.randn(16, 1176),
             image_grid_thw=torch.tensor([[1, 4, 4]]),
         )
+
+
+def test_a_checkpoint_of_the_other_family_is_refused_naming_the_keys(tmp_path):
+    from dataclasses import replace
+
+    qwen2 = tiny_config()
+    model = qwen2vl.Qwen2VL(qwen2)
+    qwen2vl.save_pretrained(model, tmp_path)
+    vision = replace(
+        qwen2.vision, norm="rmsnorm", mlp="gated", window_size=112, tokens_per_second=2
+    )
+    qwen25 = replace(qwen2, vision=vision, model_type="qwen2_5_vl")
+    (tmp_path / "config.json").write_text(json.dumps(qwen25.to_hf()))
+    with pytest.raises(CheckpointError) as e:
+        qwen2vl.load_model(tmp_path)
+    assert "missing" in str(e.value) and "visual.blocks.0.mlp.gate_proj.weight" in str(e.value)
+    assert "unexpected" in str(e.value) and "visual.blocks.0.mlp.fc1.weight" in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "qwen2vl"])
+def test_a_quantised_checkpoint_is_refused_in_one_line_before_its_weights(tmp_path, method):
+    config = tiny_config().to_hf() | {"quantization_config": {"quant_method": method, "bits": 4}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match=f"quant_method='{method}'") as e:
+        qwen2vl.load_model(tmp_path)
+    assert "\n" not in str(e.value)

@@ -19,7 +19,13 @@ from qwen2vl.generation.kv_cache import KVCache
 from qwen2vl.generation.sampling import SamplingParams, sample
 from qwen2vl.model.qwen2vl import Qwen2VL
 
-VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+VISUAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+)
 
 
 @dataclass

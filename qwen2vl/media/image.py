@@ -8,6 +8,7 @@ processor: bicubic PIL resize, rescale 1/255, CLIP mean/std, official patch orde
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any
@@ -142,13 +143,26 @@ def plan_image(
     return _plan_from_size(height, width, settings)
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """A processed image. Unpacks as `pixel_values, grid_thw = process_image(...)`."""
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    plan: ImagePlan
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.pixel_values, self.grid_thw))
+
+
 def process_image(
     image: ImageSource,
     settings: ImageSettings = DEFAULT_IMAGE_SETTINGS,
     *,
     access: MediaAccess = DEFAULT_ACCESS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """An image -> (pixel_values [t*h*w, 3*Tp*P*P] float32, grid_thw LongTensor [3] = (1, h, w)).
+) -> ImageInput:
+    """An image -> (pixel_values [t*h*w, 3*Tp*P*P] float32, grid_thw LongTensor [3] = (1, h, w)),
+    with its `plan` (the sizes as sent and as resized) beside them.
 
     The image counts as Tp identical frames.
     """
@@ -169,7 +183,7 @@ def process_image(
         merge_size=settings.merge_size,
         temporal_patch_size=settings.temporal_patch_size,
     )
-    return pixel_values, torch.tensor(plan.grid_thw, dtype=torch.long)
+    return ImageInput(pixel_values, torch.tensor(plan.grid_thw, dtype=torch.long), plan)
 
 
 def _plan_from_size(height: int, width: int, s: ImageSettings) -> ImagePlan:

@@ -13,11 +13,16 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-import torch
-
 from qwen2vl.errors import MediaError
 from qwen2vl.media.config import MediaConfig
-from qwen2vl.media.image import ImagePlan, ImageSettings, check_number, plan_image, process_image
+from qwen2vl.media.image import (
+    ImageInput,
+    ImagePlan,
+    ImageSettings,
+    check_number,
+    plan_image,
+    process_image,
+)
 from qwen2vl.media.sampling import VideoPlan, VideoSettings
 from qwen2vl.media.source import DEFAULT_ACCESS, MediaAccess
 from qwen2vl.media.video import VideoInput, plan_video, process_video
@@ -52,7 +57,7 @@ def process_part(
     config: MediaConfig | None = None,
     *,
     access: MediaAccess = DEFAULT_ACCESS,
-) -> tuple[torch.Tensor, torch.Tensor] | VideoInput:
+) -> ImageInput | VideoInput:
     """`process_image` or `process_video` on a content part, its keys over the config defaults."""
     kind, source, settings = _call_args(part, config or MediaConfig())
     run = process_image if kind == "image" else process_video

@@ -86,8 +86,13 @@ class Qwen2VL(nn.Module):
         attention_mask: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """M-RoPE position ids [3, B, T] and rope_deltas [B] for a prompt starting at position 0."""
+        """M-RoPE position ids [3, B, T] and rope_deltas [B] for a prompt starting at position 0.
+
+        second_per_grid_ts [videos]: seconds per temporal grid step of each video (the
+        processor's, from its sampled fps); read only by configs with absolute time
+        (vision tokens_per_second), where None means 1.0 each (see ``rope.mrope_positions``)."""
         B, T = input_ids.shape
         if image_grid_thw is None and video_grid_thw is None:
             pos = text_positions(attention_mask, B, T, device=input_ids.device)
@@ -100,6 +105,8 @@ class Qwen2VL(nn.Module):
             attention_mask=attention_mask,
             image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts,
+            tokens_per_second=self.cfg.vision.tokens_per_second,
         )
 
     def forward(
@@ -110,6 +117,7 @@ class Qwen2VL(nn.Module):
         image_grid_thw: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
         *,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
@@ -123,8 +131,9 @@ class Qwen2VL(nn.Module):
         """input_ids [B, T] -> logits [B, T, V].
 
         attention_mask [B, S]: 1 for real tokens, 0 for padding; S = T, or with a kv_cache the
-        whole attended length. position_ids [3, B, T] (or [B, T]) override the computed ones and are
-        required when the cache already holds tokens. cu_seqlens [S+1] marks packed samples in a
+        whole attended length. second_per_grid_ts [videos]: see ``positions``. position_ids
+        [3, B, T] (or [B, T]) override the computed ones and are required when the cache already
+        holds tokens. cu_seqlens [S+1] marks packed samples in a
         B = 1 row (training); logits_to_keep > 0 computes logits for the last positions only, a
         1-D tensor of positions for those positions only (training: where the loss is taken, since
         the [T, V] logits of every position cost more than the rest of a small model).
@@ -152,7 +161,7 @@ class Qwen2VL(nn.Module):
         deltas = None
         if position_ids is None:
             position_ids, deltas = self.positions(
-                input_ids, attention_mask, image_grid_thw, video_grid_thw
+                input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts
             )
         elif position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)

@@ -7,10 +7,21 @@ same id on all three axes. A visual item with an LLM grid of t x h x w tokens (a
 gets (start + ti, start + hi, start + wi); the text after it continues at max(all ids so far) + 1.
 The rotary frequencies of a head are split into sections (16/24/24 for head_dim 128): the first
 section rotates by the temporal id, the second by the height id, the third by the width id.
+
+Absolute time (Qwen2.5-VL, ``tokens_per_second`` set): a video's temporal id of grid step ti is
+``floor(ti * second_per_grid * tokens_per_second)`` (plus start), second_per_grid =
+temporal_patch_size / sampled fps, computed in float32 in that order as the original release
+does; images are not scaled. Text after a visual item continues at max(all ids so far) + 1, as
+the original releases do. transformers 5.x differs from the originals in two ways (pinned in
+tests/model/test_rope.py): its text after an item continues at start + max(h, w) (ignoring the
+temporal extent, so it differs when a video's last temporal id is the largest), and 5.x releases
+before transformers PR #48669 truncated second_per_grid to an integer before multiplying (0.5 s
+at 4 fps became 0, every frame at time 0); 5.24 multiplies as the original.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -85,11 +96,16 @@ def mrope_positions(
     attention_mask: torch.Tensor | None = None,
     image_grid_thw: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | Sequence[float] | None = None,
+    tokens_per_second: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """3D position ids and the per-sequence rope delta.
 
     input_ids [B, T]; attention_mask [B, T] (1 = real token, 0 = padding, any side).
     Images and videos are matched to grids in the order they appear, across the whole batch.
+    With tokens_per_second, video temporal ids are on a time axis (module docstring):
+    second_per_grid_ts [videos] gives each video's seconds per temporal grid step (None: 1.0
+    each, transformers' default, right for 2 fps with temporal_patch_size 2).
     Returns positions [3, B, T] (padding gets 0) and rope_deltas [B] such that the position of the
     n-th real token of a sequence continued as text (n counted from 0) is n + rope_deltas[b].
     """
@@ -99,12 +115,17 @@ def mrope_positions(
         if attention_mask is None
         else attention_mask.bool()
     )
-    grids = {image_token_id: _grid_iter(image_grid_thw), video_token_id: _grid_iter(video_grid_thw)}
+    video_scales = _time_scales(video_grid_thw, second_per_grid_ts, tokens_per_second)
+    grids = {
+        image_token_id: _grid_iter(image_grid_thw, None),
+        video_token_id: _grid_iter(video_grid_thw, video_scales),
+    }
     positions = torch.zeros(3, B, T, dtype=torch.long, device=input_ids.device)
     deltas = torch.zeros(B, dtype=torch.long, device=input_ids.device)
     for b in range(B):
         ids = input_ids[b][mask[b]]
-        pos = _sequence_positions(ids.tolist(), grids, merge).to(input_ids.device)
+        pos = _sequence_positions(ids.tolist(), grids, merge, tokens_per_second)
+        pos = pos.to(input_ids.device)
         positions[:, b, mask[b]] = pos
         deltas[b] = (pos.max() + 1 - len(ids)) if len(ids) else 0
     for token_id, it in grids.items():
@@ -114,11 +135,33 @@ def mrope_positions(
     return positions, deltas
 
 
-def _grid_iter(grid_thw: torch.Tensor | None):
-    return iter([] if grid_thw is None else grid_thw.tolist())
+def _grid_iter(grid_thw: torch.Tensor | None, scales: torch.Tensor | None):
+    """(grid, time scale or None) of each item in order."""
+    grids = [] if grid_thw is None else grid_thw.tolist()
+    return iter(zip(grids, [None] * len(grids) if scales is None else scales, strict=True))
 
 
-def _sequence_positions(ids: list[int], grids: dict, merge: int) -> torch.Tensor:
+def _time_scales(
+    grid_thw: torch.Tensor | None,
+    second_per_grid_ts: torch.Tensor | Sequence[float] | None,
+    tokens_per_second: float | None,
+) -> torch.Tensor | None:
+    """Per video, the float32 seconds per grid step; None without absolute time."""
+    if tokens_per_second is None or grid_thw is None:
+        return None
+    if second_per_grid_ts is None:
+        return torch.ones(len(grid_thw))
+    scales = torch.as_tensor(second_per_grid_ts, dtype=torch.float32).flatten().cpu()
+    if len(scales) != len(grid_thw):
+        raise Qwen2VLError(
+            f"{len(scales)} second_per_grid_ts were given for {len(grid_thw)} videos"
+        )
+    return scales
+
+
+def _sequence_positions(
+    ids: list[int], grids: dict, merge: int, tokens_per_second: float | None
+) -> torch.Tensor:
     """Positions [3, len(ids)] for one unpadded sequence."""
     chunks, start, i, n = [], 0, 0, len(ids)
     while i < n:
@@ -130,7 +173,7 @@ def _sequence_positions(ids: list[int], grids: dict, merge: int) -> torch.Tensor
             start += j - i
         if j == n:
             break
-        chunk, length = _visual_positions(ids, j, grids, merge, start)
+        chunk, length = _visual_positions(ids, j, grids, merge, start, tokens_per_second)
         chunks.append(chunk)
         start = int(chunk.max()) + 1
         i = j + length
@@ -139,9 +182,11 @@ def _sequence_positions(ids: list[int], grids: dict, merge: int) -> torch.Tensor
     return torch.cat(chunks, dim=1)
 
 
-def _visual_positions(ids: list[int], at: int, grids: dict, merge: int, start: int):
+def _visual_positions(
+    ids: list[int], at: int, grids: dict, merge: int, start: int, tokens_per_second: float | None
+):
     token = ids[at]
-    grid = next(grids[token], None)
+    grid, scale = next(grids[token], (None, None))
     if grid is None:
         raise Qwen2VLError(
             "input_ids hold more visual items than grids were given "
@@ -155,7 +200,10 @@ def _visual_positions(ids: list[int], at: int, grids: dict, merge: int, start: i
             "tokens; input_ids have a different count (image features and image "
             "tokens do not match)"
         )
-    ti = torch.arange(t).view(t, 1, 1).expand(t, h, w)
+    steps = torch.arange(t)
+    if scale is not None:  # floor(t * second_per_grid * tokens_per_second), float32, that order
+        steps = (steps * scale * tokens_per_second).long()
+    ti = steps.view(t, 1, 1).expand(t, h, w)
     hi = torch.arange(h).view(1, h, 1).expand(t, h, w)
     wi = torch.arange(w).view(1, 1, w).expand(t, h, w)
     return torch.stack([ti, hi, wi]).reshape(3, -1) + start, length

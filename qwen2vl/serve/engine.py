@@ -32,7 +32,7 @@ import torch
 
 from qwen2vl.generation.kv_cache import KVCache
 from qwen2vl.model.qwen2vl import Qwen2VL
-from qwen2vl.processor import Processor
+from qwen2vl.processor import Processor, position_inputs
 from qwen2vl.serve.metrics import Metrics
 from qwen2vl.serve.sequence import Event, NonFiniteLogits, Request, Sequence, TokenLogprob
 from qwen2vl.serve.slots import SlotCache
@@ -285,12 +285,11 @@ class Engine:
         visuals = p.seq.request.visuals
         cfg = self.model.cfg.text
         p.cache = KVCache(cfg, 1, ids.shape[1], dtype=self.dtype, device=self.device)
-        grids, feats = {}, {}
+        feats = {}
         for kind in ("image", "video"):
-            mine = [(f, v) for f, v in zip(p.feats, visuals, strict=True) if v.kind == kind]
-            grids[kind] = torch.tensor([v.grid_thw for _, v in mine]) if mine else None
-            feats[kind] = torch.cat([f for f, _ in mine]) if mine else None
-        p.positions, p.delta = self.model.positions(ids, None, grids["image"], grids["video"])
+            mine = [f for f, v in zip(p.feats, visuals, strict=True) if v.kind == kind]
+            feats[kind] = torch.cat(mine) if mine else None
+        p.positions, p.delta = self.model.positions(ids, None, **position_inputs(visuals))
         p.embeds = self.model.embed(ids, feats["image"], feats["video"])  # [1, P, E]
 
     def _encode(self, visual, key: str | None) -> torch.Tensor:

@@ -18,6 +18,12 @@ system, user and tool turns and every visual token are -100 (the paper's text-on
 reports every bad line with its number. A conversation longer than `max_tokens` is never cut (a cut
 inside a run of visual tokens breaks the image/feature count): its images are shrunk through
 `max_pixels` until it fits, or it is dropped; both are logged.
+
+Boxes in assistant answers: Qwen2-VL's `(x1,y1),(x2,y2)` in 0..999 of the image need nothing.
+A family that writes pixels of the resized input (Qwen2.5-VL, markup or `{"bbox_2d": [...]}`)
+takes them in pixels of the ORIGINAL image, as annotation tools give them; each answer's boxes
+are rescaled to the size the last image before it is resized to, so they stay right whatever
+`max_pixels` (or shrinking to fit) does.
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ import copy
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from qwen2vl.chat import render_training_ids, validate_messages, visual_parts
 from qwen2vl.errors import MediaError, Qwen2VLError
+from qwen2vl.grounding import PIXEL_FRAME_MODELS, map_points
 from qwen2vl.media import process_part
 from qwen2vl.model.qwen2vl import IGNORE_INDEX
 from qwen2vl.processor import Processor, VisualEncoding
@@ -139,6 +146,8 @@ def encode_conversation(
 ) -> Sample:
     """Ids, labels on assistant output only, and processed media of one conversation."""
     tok = processor.tokenizer
+    if processor.model_type in PIXEL_FRAME_MODELS:
+        messages = boxes_in_resized_pixels(messages, processor.plan(messages, tools=tools).visuals)
     _, items, mask = render_training_ids(
         messages, tok, tools=tools, template=processor.chat_template
     )
@@ -155,6 +164,43 @@ def encode_conversation(
         for t, trained in zip(enc.ids, full, strict=True)
     ]
     return Sample(ids=enc.ids, labels=labels, visuals=enc.visuals)
+
+
+def boxes_in_resized_pixels(
+    messages: Sequence[Mapping[str, Any]], visuals: Sequence[VisualEncoding]
+) -> list[Mapping[str, Any]]:
+    """The messages with each assistant answer's boxes moved from pixels of the original image
+    to pixels of the resized one, for the last image before the answer (`visuals` in message
+    order, as the processor plans them)."""
+    out: list[Mapping[str, Any]] = []
+    seen, image = 0, None
+    for message in messages:
+        for kind, _ in visual_parts([message]):
+            image = visuals[seen] if kind == "image" else image
+            seen += 1
+        if message.get("role") != "assistant" or image is None:
+            out.append(message)
+            continue
+        out.append(_with_text(message, _to_resized(image.plan)))
+    return out
+
+
+def _to_resized(plan) -> Callable[[str], str]:
+    sx, sy = plan.resized_width / plan.width, plan.resized_height / plan.height
+    return lambda text: map_points(text, lambda x, y: (x * sx, y * sy))
+
+
+def _with_text(message: Mapping[str, Any], change: Callable[[str], str]) -> dict[str, Any]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": change(content)}
+    if isinstance(content, list):
+        parts = [
+            {**p, "text": change(p["text"])} if isinstance(p.get("text"), str) else p
+            for p in content
+        ]
+        return {**message, "content": parts}
+    return dict(message)
 
 
 def parse_line(obj: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -346,13 +392,9 @@ def processor_with(processor: Processor, max_pixels: int | None) -> Processor:
         video_max_pixels=max_pixels,
         video_min_pixels=min(media.video_min_pixels, max_pixels),
     )
-    return Processor(
-        processor.tokenizer,
-        media,
-        processor.chat_template,
-        access=processor.access,
-        max_model_len=processor.max_model_len,
-    )
+    capped = copy.copy(processor)
+    capped.media = media
+    return capped
 
 
 def format_problems(path: str | Path, problems: list[tuple[int, str]]) -> str:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.model.qwen2vl import IGNORE_INDEX
 from qwen2vl.model.rope import mrope_positions
-from qwen2vl.processor import VisualEncoding
+from qwen2vl.processor import VisualEncoding, position_inputs
 from qwen2vl.train.data import Sample, SampleInfo
 
 DUMMY_TOKENS = 3  # <|vision_start|> one merged image token <|vision_end|>
@@ -161,17 +161,13 @@ def collate(samples: Sequence[Sample], cfg: Qwen2VLConfig) -> PackedBatch:
 
 def _positions(sample: Sample, cfg: Qwen2VLConfig) -> torch.Tensor:
     """M-RoPE positions [3, 1, t] of one sample, starting at 0."""
-    grids = {}
-    for kind in ("image", "video"):
-        items = [v.grid_thw for v in sample.visuals if v.kind == kind]
-        grids[kind] = torch.tensor(items, dtype=torch.long) if items else None
     positions, _ = mrope_positions(
         torch.tensor([sample.ids], dtype=torch.long),
         image_token_id=cfg.image_token_id,
         video_token_id=cfg.video_token_id,
         merge=cfg.vision.spatial_merge_size,
-        image_grid_thw=grids["image"],
-        video_grid_thw=grids["video"],
+        tokens_per_second=cfg.vision.tokens_per_second,
+        **position_inputs(sample.visuals),
     )
     return positions
 

@@ -81,3 +81,59 @@ def test_vision_positions_keep_merge_windows_contiguous():
 def test_vision_windows_are_per_image_and_per_frame():
     cu = vision_cu_seqlens(torch.tensor([[1, 2, 4], [3, 4, 2]]))
     assert cu.tolist() == [0, 8, 16, 24, 32]
+
+
+def video_positions(grid, seconds, tokens_per_second=2):
+    t, h, w = grid
+    ids = torch.tensor([[1, 1] + [VID] * (t * h * w // 4) + [1]])
+    pos, _ = mrope_positions(
+        ids,
+        image_token_id=IMG,
+        video_token_id=VID,
+        merge=2,
+        video_grid_thw=torch.tensor([grid]),
+        second_per_grid_ts=None if seconds is None else torch.tensor(seconds),
+        tokens_per_second=tokens_per_second,
+    )
+    return pos[:, 0]
+
+
+@pytest.mark.parametrize(
+    "fps, temporal",
+    [
+        (2.0, [0, 2, 4, 6]),  # 1 s per grid step
+        (4.0, [0, 1, 2, 3]),  # 0.5 s: a release that truncated it to int gave [0, 0, 0, 0]
+        (3.0, [0, 1, 2, 4]),  # 2/3 s: floor(t * 0.6666667 * 2) in float32; 3 * 2/3 * 2 is 4
+        (1.0, [0, 4, 8, 12]),  # 2 s
+    ],
+)
+def test_absolute_time_worked_example(fps, temporal):
+    # Qwen2.5-VL, tokens_per_second 2, temporal_patch_size 2: second_per_grid = 2 / fps; a video
+    # of 4 x (4/2) x (4/2) LLM patches after 2 text tokens starts at id 2.
+    pos = video_positions((4, 4, 4), [2 / fps])
+    assert pos[0, 2:18].view(4, 4)[:, 0].tolist() == [2 + t for t in temporal]
+    assert pos[1, 2:18].tolist() == [2, 2, 3, 3] * 4 and pos[2, 2:18].tolist() == [2, 3] * 8
+    # The text after it continues at max(all ids) + 1 as the original release does;
+    # transformers 5.24 continues at start + max(h, w) = 4, behind the video's last time step.
+    assert pos[:, 18].tolist() == [2 + max(temporal[-1], 1) + 1] * 3
+
+
+def test_absolute_time_defaults_to_one_second_per_grid_and_leaves_images():
+    assert torch.equal(video_positions((2, 4, 4), None), video_positions((2, 4, 4), [1.0]))
+    plain = video_positions((2, 4, 4), [1.0], tokens_per_second=None)
+    assert plain[0, 2:10].tolist() == [2] * 4 + [3] * 4  # Qwen2-VL: one id per grid step
+    ids = torch.tensor([[1] + [IMG] * 4])
+    scaled, _ = mrope_positions(
+        ids,
+        image_token_id=IMG,
+        video_token_id=VID,
+        merge=2,
+        image_grid_thw=torch.tensor([[1, 4, 4]]),
+        tokens_per_second=2,
+    )
+    assert torch.equal(scaled, positions(ids.tolist(), images=[[1, 4, 4]])[0])
+
+
+def test_second_per_grid_count_must_match_videos():
+    with pytest.raises(Qwen2VLError, match="2 second_per_grid_ts"):
+        video_positions((2, 4, 4), [1.0, 1.0])

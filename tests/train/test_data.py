@@ -140,3 +140,34 @@ def test_validation_split_over_processes_merges_to_the_whole(make_data, proc):
     assert [r.line for r in merged.records] == [r.line for r in whole.records] == [1, 2, 3, 4, 5]
     assert merged.problems == whole.problems and merged.lines == whole.lines == 6
     assert [r.info for r in merged.records] == [r.info for r in whole.records]
+
+
+def grounding_sample(model_type: str, answer: str):
+    from qwen2vl.media import MediaConfig
+    from qwen2vl.processor import Processor
+
+    base = load_processor(None)
+    processor = Processor(
+        base.tokenizer,
+        MediaConfig(min_pixels=28 * 28, max_pixels=644 * 308),
+        model_type=model_type,
+    )
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (1000, 500))}]},
+        {"role": "assistant", "content": answer},
+    ]
+    sample = encode_conversation(messages, processor)
+    return "".join(labelled_text(sample, processor.tokenizer))
+
+
+def test_pixel_boxes_are_rescaled_to_the_resized_image_for_pixel_frame_families():
+    # 1000x500 becomes 616x308: x and y * 0.616.
+    answer = '{"bbox_2d": [100, 50, 500, 250], "label": "dog"} and '
+    answer += "<|box_start|>(0,0),(1000,500)<|box_end|>"
+    text = grounding_sample("qwen2_5_vl", answer)
+    assert '{"bbox_2d": [62, 31, 308, 154], "label": "dog"}' in text
+    assert "<|box_start|>(0,0),(616,308)<|box_end|>" in text
+    # Qwen2-VL's 0..999 boxes do not depend on the size: untouched.
+    assert '{"bbox_2d": [100, 50, 500, 250], "label": "dog"}' in grounding_sample(
+        "qwen2_vl", answer
+    )
