@@ -7,14 +7,20 @@ import pytest
 from PIL import Image
 
 from qwen2vl.grounding import (
+    RELATIVE,
     Box,
+    Frame,
     GroundedObject,
     Quad,
     draw_objects,
     format_box,
     format_grounding,
+    format_json,
     format_object,
+    frame_for,
     grounding_prompt,
+    map_points,
+    objects_in_pixels,
     parse_grounding,
     to_png,
 )
@@ -133,3 +139,79 @@ def test_to_png_gives_a_readable_png():
 def test_labels_round_trip(label):
     obj = GroundedObject(label, [Box(1, 2, 3, 4)])
     assert parse_grounding(format_object(obj)) == [obj]
+
+
+# -- Qwen2.5-VL: JSON boxes in pixels of the resized input ---------------------------------------
+
+QWEN25_ANSWER = """Here they are:
+```json
+[
+\t{"bbox_2d": [135, 114, 1016, 672], "label": "dog"},
+\t{"bbox_2d": [10.6, 20, 30, 40.4], "label": "the cat"}
+]
+```"""
+
+
+def test_parses_qwen25_json_boxes_as_separate_objects():
+    assert parse_grounding(QWEN25_ANSWER) == [
+        GroundedObject("dog", [Box(135, 114, 1016, 672)]),
+        GroundedObject("the cat", [Box(11, 20, 30, 40)]),
+    ]
+
+
+def test_json_entries_that_are_not_boxes_are_skipped():
+    text = '{"bbox_2d": [1, 2, 3], "label": "short"} {"bbox_2d": [1, 2, 3, true]} {"bbox_2d": oops}'
+    text += ' {"bbox_2d": [1, 2, 3, 4]}'
+    assert parse_grounding(text) == [GroundedObject(None, [Box(1, 2, 3, 4)])]
+
+
+def test_json_and_markup_keep_their_order():
+    text = '{"bbox_2d": [1, 2, 3, 4], "label": "a"} ' + REF.format("b") + BOX.format("(5,6),(7,8)")
+    assert [o.label for o in parse_grounding(text)] == ["a", "b"]
+
+
+def test_format_json_round_trips():
+    objects = [GroundedObject("dog", [Box(1, 2, 3, 4)]), GroundedObject("中文", [Box(5, 6, 7, 8)])]
+    text = format_json(objects)
+    assert text.startswith("```json\n[") and text.endswith("]\n```")
+    assert parse_grounding(text) == objects
+
+
+def test_frames_map_each_family_onto_the_original_image():
+    # A 1000x500 photo that smart_resize turned into 644x322 model pixels.
+    assert frame_for("qwen2_vl", (644, 322)) is RELATIVE
+    qwen25 = frame_for("qwen2_5_vl", (644, 322))
+    assert Box(322, 161, 644, 322).to_pixels(1000, 500, qwen25) == (500.0, 250.0, 1000.0, 500.0)
+    assert Box(500, 500, 1000, 1000).to_pixels(1000, 500) == (500.0, 250.0, 1000.0, 500.0)
+    # The same numbers read in the wrong frame land elsewhere: the bug users report most.
+    assert Box(322, 161, 644, 322).to_pixels(1000, 500) != (500.0, 250.0, 1000.0, 500.0)
+
+
+def test_from_pixels_into_a_pixel_frame_and_rescaled():
+    frame = Frame(644, 322)
+    assert Box.from_pixels(0, 0, 1000, 500, 1000, 500, frame) == Box(0, 0, 643, 321)
+    original = Frame(1000, 500)
+    assert Box(100, 50, 500, 250).rescaled(original, frame) == Box(64, 32, 322, 161)
+
+
+def test_map_points_rewrites_markup_and_json_and_nothing_else():
+    text = (
+        "See (1,2) " + REF.format("a (3,4)") + BOX.format("(10,20),(30,40)")
+        + '<|quad_start|>(1,1),(2,1),(2,2),(1,2)<|quad_end|>'
+        + ' {"bbox_2d": [10, 20, 30, 40], "label": "b"} {"bbox_2d": [1, 2]}'
+    )  # fmt: skip
+    out = map_points(text, lambda x, y: (x * 2, y + 1))
+    assert out.startswith("See (1,2) " + REF.format("a (3,4)") + BOX.format("(20,21),(60,41)"))
+    assert "<|quad_start|>(2,2),(4,2),(4,3),(2,3)<|quad_end|>" in out
+    assert '{"bbox_2d": [20, 21, 60, 41], "label": "b"}' in out
+    assert out.endswith('{"bbox_2d": [1, 2]}')
+
+
+def test_objects_in_pixels_is_plain_data():
+    objects = parse_grounding(REF.format("cat") + BOX.format("(100,200),(500,1000)"))
+    assert objects_in_pixels(objects, 640, 480) == [
+        {"label": "cat", "boxes": [[64.0, 96.0, 320.0, 480.0]], "quads": []}
+    ]
+    assert objects_in_pixels(objects, 200, 100, Frame(100, 400))[0]["boxes"] == [
+        [200.0, 50.0, 1000.0, 250.0]
+    ]

@@ -40,6 +40,7 @@ from qwen2vl.serve.responses import (
     coalesce,
     content_chunk,
     final_chunks,
+    grounding_target,
     logprobs_block,
     role_chunk,
 )
@@ -227,7 +228,7 @@ async def _cancel_on_disconnect(request: Request, engine: Engine, seqs: list[Seq
 
 
 async def _collect(engine: Engine, prepared: Prepared, events: asyncio.Queue, head) -> JSONResponse:
-    choices = _choices(prepared)
+    choices = _choices(prepared, engine)
     n = len(choices)
     reasons: dict[int, str] = {}
     while len(reasons) < n:
@@ -237,7 +238,6 @@ async def _collect(engine: Engine, prepared: Prepared, events: asyncio.Queue, he
             continue
         _raise_for(event)
         reasons[i] = event.reason
-        choices[i].end(event.reason)
     tok = engine.processor.tokenizer
     out = []
     for c in choices:
@@ -252,15 +252,15 @@ async def _collect(engine: Engine, prepared: Prepared, events: asyncio.Queue, he
     return JSONResponse(body)
 
 
-def _choices(prepared: Prepared) -> list[Choice]:
+def _choices(prepared: Prepared, engine: Engine) -> list[Choice]:
+    model_type = engine.model.cfg.model_type
     return [
         Choice(
             i,
             tools_on=prepared.tools_on,
-            prefix=prepared.answer_prefix,
-            suffix=prepared.answer_suffix,
+            grounding=grounding_target(req, engine.processor.tokenizer, model_type),
         )
-        for i in range(len(prepared.requests))
+        for i, req in enumerate(prepared.requests)
     ]
 
 
@@ -283,7 +283,7 @@ async def _stream(
     watcher: asyncio.Task,
 ) -> AsyncIterator[str]:
     tok = engine.processor.tokenizer
-    choices = _choices(prepared)
+    choices = _choices(prepared, engine)
     n = len(choices)
     try:
         for i in range(n):

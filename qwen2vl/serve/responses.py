@@ -2,36 +2,93 @@
 
 With tools, text from the first ``<tool_call>`` on is held back while streaming (and a tail that
 could be the start of one), then parsed into ``tool_calls`` when the choice ends; text before it
-streams as content. A forced tool choice put its opening text into the prompt, so it starts held.
+streams as content (a forced tool choice's grammar writes the whole block, held like any other).
+
+Grounding as data (an extension field): when an answer holds boxes and the request has an image,
+the message (or, streaming, the chunk before the finish reason) carries
+``"grounding": {"image": k, "width": W, "height": H, "objects": [{"label", "boxes": [[x1, y1,
+x2, y2], ...], "quads": [...]}]}`` in pixels of the request's last image (the k-th, from 0) as
+sent, whatever size the model saw and whichever frame its family writes boxes in. The boxes are
+read from the generated tokens, so ``skip_special_tokens`` (which strips the markup from
+``content``) does not hide them.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+from qwen2vl.grounding import frame_for, objects_in_pixels, parse_grounding
 from qwen2vl.serve import protocol
-from qwen2vl.serve.sequence import Delta, Event, TokenLogprob
+from qwen2vl.serve.sequence import Delta, Event, Request, TokenLogprob
 from qwen2vl.tokenizer import Tokenizer
 from qwen2vl.tools import TOOL_CALL_START, ToolCall, parse_tool_calls
+
+
+@dataclass(frozen=True)
+class GroundingTarget:
+    """Where a choice's boxes land: the request's last image, and how to read the answer."""
+
+    tokenizer: Tokenizer
+    image: int  # index among the request's images
+    width: int  # the image as sent
+    height: int
+    resized: tuple[int, int]  # (width, height) the model saw
+    model_type: str
+
+    def data(self, tokens: list[int]) -> dict[str, Any] | None:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+        objects = [o for o in parse_grounding(text) if o.boxes or o.quads]
+        if not objects:
+            return None
+        frame = frame_for(self.model_type, self.resized)
+        shapes = objects_in_pixels(objects, self.width, self.height, frame)
+        return {"image": self.image, "width": self.width, "height": self.height, "objects": shapes}
+
+
+def grounding_target(
+    request: Request, tokenizer: Tokenizer, model_type: str
+) -> GroundingTarget | None:
+    """The target for a request's answers: its last image (None without images)."""
+    images = [v for v in request.visuals if v.kind == "image"]
+    if not images:
+        return None
+    plan = images[-1].plan
+    resized = (plan.resized_width, plan.resized_height)
+    return GroundingTarget(tokenizer, len(images) - 1, plan.width, plan.height, resized, model_type)
 
 
 class Choice:
     """One choice's text as it arrives: content shown now, tool calls held back."""
 
-    def __init__(self, index: int, *, tools_on: bool, prefix: str = "", suffix: str = ""):
-        self.index, self.tools_on, self.suffix = index, tools_on, suffix
-        self.text = prefix  # everything generated (with the forced prefix)
+    def __init__(
+        self,
+        index: int,
+        *,
+        tools_on: bool,
+        grounding: GroundingTarget | None = None,
+    ):
+        self.index, self.tools_on = index, tools_on
+        self.text = ""  # everything generated
         self.pending = ""  # a tail that may start "<tool_call>"
-        self.held = prefix  # text from the first "<tool_call>" on
+        self.held = ""  # text from the first "<tool_call>" on
         self.logprobs: list[TokenLogprob] = []
-        self.tokens = 0
+        self.ids: list[int] = []  # generated tokens: grounding is read from them
+        self.grounding = grounding
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+    def grounding_data(self) -> dict[str, Any] | None:
+        return self.grounding.data(self.ids) if self.grounding else None
 
     def push(self, delta: Delta) -> str:
         """Content to show now."""
         self.text += delta.text
-        self.tokens += len(delta.tokens)
+        self.ids += delta.tokens
         self.logprobs += delta.logprobs or []
         if not self.tools_on:
             return delta.text
@@ -46,12 +103,6 @@ class Choice:
         keep = _partial_suffix(text, TOOL_CALL_START)
         self.pending = text[len(text) - keep :]
         return text[: len(text) - keep]
-
-    def end(self, reason: str) -> None:
-        """The choice ended: a constrained tool call that completed gets its closing text."""
-        if reason == "stop" and self.suffix:
-            self.text += self.suffix
-            self.held += self.suffix
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """Content not shown yet and the tool calls, at the end of the choice."""
@@ -71,6 +122,9 @@ class Choice:
             message["content"] = content or None
             message["tool_calls"] = tool_calls(calls, self.index)
             finish_reason = "tool_calls"
+        grounding = self.grounding_data()
+        if grounding:
+            message["grounding"] = grounding
         return message, finish_reason
 
 
@@ -118,7 +172,6 @@ def final_chunks(
     choice: Choice, reason: str, head: tuple[str, int, str]
 ) -> Iterator[dict[str, Any]]:
     """The chunks that close a streamed choice: held-back content, tool calls, finish reason."""
-    choice.end(reason)
     tail, calls = choice.finish()
     i = choice.index
     if tail:
@@ -127,6 +180,9 @@ def final_chunks(
         entries = [dict(call, index=k) for k, call in enumerate(tool_calls(calls, i))]
         yield protocol.chunk(*head, [_choice_delta(i, {"tool_calls": entries})])
         reason = "tool_calls"
+    grounding = choice.grounding_data()
+    if grounding:
+        yield protocol.chunk(*head, [_choice_delta(i, {"grounding": grounding})])
     yield protocol.chunk(*head, [_choice_delta(i, {}, finish_reason=reason)])
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from qwen2vl.grounding import objects_in_pixels, parse_grounding
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -97,21 +99,37 @@ def test_grounding_boxes_are_drawn_over_the_image(server, browser, tmp_path):
         "<|box_end|> and <|object_ref_start|>blue disc<|object_ref_end|>"
         "<|box_start|>(563,375),(906,833)<|box_end|>"
     )
-    objects = browser.execute_script("return qwen2vl.parseGrounding(arguments[0])", text)
-    assert [o["label"] for o in objects] == ["red square", "blue disc"]
-    assert objects[0]["boxes"] == [[94, 167, 406, 625]]
-    uri = server_data_uri(scene(tmp_path / "scene.png"))
-    boxes = browser.execute_async_script(
-        "const [text, uri, done] = arguments;"
+    path = scene(tmp_path / "scene.png")
+    width, height = Image.open(path).size
+    grounding = {
+        "image": 0,
+        "width": width,
+        "height": height,
+        "objects": objects_in_pixels(parse_grounding(text), width, height),
+    }
+    uri = server_data_uri(path)
+    # Alpha of the drawn canvas on the first box's left edge and inside it (the server's pixels
+    # scaled to the displayed size).
+    boxes, on_edge, inside = browser.execute_async_script(
+        "const [text, uri, grounding, done] = arguments;"
         "const el = document.createElement('div'); el.className = 'msg assistant';"
         "document.getElementById('log').append(el);"
         "qwen2vl.renderAnswer(el, text);"
-        "qwen2vl.showImage(el, uri, qwen2vl.parseGrounding(text))"
-        "  .then((figure) => done(figure.dataset.boxes));",
+        "qwen2vl.showImage(el, uri, grounding).then((figure) => {"
+        "  const c = figure.querySelector('canvas');"
+        "  const [x1, y1, x2, y2] = grounding.objects[0].boxes[0];"
+        "  const [sx, sy] = [c.width / grounding.width, c.height / grounding.height];"
+        "  const alpha = (x, y) => c.getContext('2d').getImageData("
+        "    Math.round(x * sx), Math.round(y * sy), 1, 1).data[3];"
+        "  done([figure.dataset.boxes, alpha(x1, (y1 + y2) / 2),"
+        "        alpha((x1 + x2) / 2, (y1 + y2) / 2)]);"
+        "});",
         text,
         uri,
+        grounding,
     )
     assert boxes == "2"
+    assert on_edge > 0 and inside == 0
     shown = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .tag")
     assert [s.text for s in shown[-4:]][::2] == ["red square", "blue disc"]
     ARTIFACTS.mkdir(exist_ok=True)

@@ -10,42 +10,9 @@
     model: null, about: null, messages: [], attachments: [], controller: null, lastImage: null,
   };
 
-  // Grounding markers as the model writes them (coordinates in [0, 1000) of the image).
+  // Grounding markers as the model writes them, to show the answer's text; the boxes themselves
+  // come parsed and in image pixels from the server's "grounding" field.
   const ITEM = /<\|object_ref_start\|>([\s\S]*?)<\|object_ref_end\|>|<\|box_start\|>([\s\S]*?)<\|box_end\|>|<\|quad_start\|>([\s\S]*?)<\|quad_end\|>/g;
-  const POINT = /\(\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\)/g;
-
-  // Mirrors qwen2vl.grounding.parse_grounding: boxes attach to the reference right before them.
-  function parseGrounding(text) {
-    const objects = [];
-    let current = null;
-    let pos = 0;
-    for (const m of text.matchAll(ITEM)) {
-      const between = text.slice(pos, m.index).replace(/[\s,;]/g, "");
-      const adjacent = current !== null && between === "";
-      pos = m.index + m[0].length;
-      if (m[1] !== undefined) {
-        current = { label: m[1].trim(), boxes: [], quads: [] };
-        objects.push(current);
-        continue;
-      }
-      const pts = [...(m[2] ?? m[3]).matchAll(POINT)].map((p) => [Number(p[1]), Number(p[2])]);
-      const boxes = [];
-      const quads = [];
-      if (m[2] !== undefined && pts.length && pts.length % 2 === 0) {
-        for (let i = 0; i < pts.length; i += 2) boxes.push([...pts[i], ...pts[i + 1]]);
-      } else if (m[3] !== undefined && pts.length === 4) {
-        quads.push(pts);
-      }
-      if (!boxes.length && !quads.length) continue;
-      if (!adjacent) {
-        current = { label: null, boxes: [], quads: [] };
-        objects.push(current);
-      }
-      current.boxes.push(...boxes);
-      current.quads.push(...quads);
-    }
-    return objects;
-  }
 
   // The answer as shown: markers removed, a referred object highlighted.
   function renderAnswer(el, text) {
@@ -68,10 +35,11 @@
   const INLINE = [320, 320];
   const fullSize = () => [Math.round(innerWidth * 0.94), Math.round(innerHeight * 0.9)];
 
-  // An image scaled to fit maxSize (the synthetic scenes, ~100 px, scale up), with the
-  // objects' boxes drawn on a canvas laid over it; resolves to the figure. An inline figure
-  // opens full size on click.
-  function showImage(container, src, objects = [], maxSize = INLINE) {
+  // An image scaled to fit maxSize (the synthetic scenes, ~100 px, scale up), with the boxes
+  // of `grounding` (the server's field: objects in pixels of a width x height image) drawn on
+  // a canvas laid over it; resolves to the figure. An inline figure opens full size on click.
+  function showImage(container, src, grounding = null, maxSize = INLINE) {
+    const objects = grounding?.objects ?? [];
     const figure = document.createElement("div");
     figure.className = "figure";
     const img = new Image();
@@ -84,12 +52,12 @@
         const [w, h] = [Math.max(1, Math.round(nw * scale)), Math.max(1, Math.round(nh * scale))];
         Object.assign(img.style, { width: `${w}px`, height: `${h}px` });
         if (scale >= 2) img.style.imageRendering = "pixelated"; // crisp shapes, not blur
-        if (objects.length) figure.append(boxCanvas(w, h, objects));
+        if (objects.length) figure.append(boxCanvas(w, h, grounding));
         figure.dataset.boxes = String(objects.reduce((n, o) => n + o.boxes.length + o.quads.length, 0));
         if (maxSize === INLINE) {
           figure.classList.add("zoomable");
           figure.title = "Click for full size";
-          figure.onclick = () => openLightbox(src, objects);
+          figure.onclick = () => openLightbox(src, grounding);
         }
         resolve(figure);
       };
@@ -99,7 +67,8 @@
 
   // The boxes drawn at the displayed size (times the screen's pixel ratio), so lines and
   // labels stay thin and sharp however much the image was scaled.
-  function boxCanvas(w, h, objects) {
+  function boxCanvas(w, h, { width, height, objects }) {
+    const [sx, sy] = [w / width, h / height];
     const canvas = document.createElement("canvas");
     const ratio = window.devicePixelRatio || 1;
     [canvas.width, canvas.height] = [Math.round(w * ratio), Math.round(h * ratio)];
@@ -112,13 +81,13 @@
       if (!colours.has(obj.label)) colours.set(obj.label, PALETTE[colours.size % PALETTE.length]);
       ctx.strokeStyle = ctx.fillStyle = colours.get(obj.label);
       for (const [x1, y1, x2, y2] of obj.boxes) {
-        const [a, b] = [(x1 / 1000) * w, (y1 / 1000) * h];
-        ctx.strokeRect(a, b, ((x2 - x1) / 1000) * w, ((y2 - y1) / 1000) * h);
+        const [a, b] = [x1 * sx, y1 * sy];
+        ctx.strokeRect(a, b, (x2 - x1) * sx, (y2 - y1) * sy);
         if (obj.label) ctx.fillText(obj.label, a + 3, b > 16 ? b - 4 : b + 15);
       }
       for (const quad of obj.quads) {
         ctx.beginPath();
-        quad.forEach(([x, y], i) => ctx[i ? "lineTo" : "moveTo"]((x / 1000) * w, (y / 1000) * h));
+        quad.forEach(([x, y], i) => ctx[i ? "lineTo" : "moveTo"](x * sx, y * sy));
         ctx.closePath();
         ctx.stroke();
       }
@@ -126,11 +95,11 @@
     return canvas;
   }
 
-  function openLightbox(src, objects) {
+  function openLightbox(src, grounding) {
     const box = $("lightbox");
     box.textContent = "";
     box.hidden = false;
-    return showImage(box, src, objects, fullSize());
+    return showImage(box, src, grounding, fullSize());
   }
 
   // How many frames a GIF holds, by walking its blocks; 0 for bytes that are not a GIF.
@@ -219,6 +188,7 @@
     const out = bubble("assistant", "");
     out.dataset.state = "streaming";
     let answer = "";
+    let grounding = null;
     state.controller = new AbortController();
     setBusy(true);
     try {
@@ -232,7 +202,7 @@
           stream: true,
           max_tokens: Number($("max-tokens").value) || 256,
           temperature: Number($("temperature").value) || 0,
-          skip_special_tokens: false, // keep the grounding markers
+          skip_special_tokens: false, // keep the markers: referred objects are highlighted
         }),
       });
       if (!response.ok) {
@@ -241,6 +211,7 @@
       }
       for await (const chunk of events(response)) {
         if (chunk.error) throw new Error(chunk.error.message);
+        grounding = chunk.choices[0]?.delta?.grounding ?? grounding;
         const delta = chunk.choices[0]?.delta?.content;
         if (delta) {
           answer += delta;
@@ -249,9 +220,8 @@
         }
       }
       state.messages.push({ role: "assistant", content: answer });
-      const objects = parseGrounding(answer);
-      if (objects.length && state.lastImage) {
-        await showImage(out, state.lastImage, objects);
+      if (grounding && state.lastImage) {
+        await showImage(out, state.lastImage, grounding);
         $("log").scrollTop = $("log").scrollHeight;
       }
       out.dataset.state = "done";
@@ -404,6 +374,6 @@
     loadModel();
   });
 
-  window.qwen2vl = { parseGrounding, showImage, renderAnswer, gifFrames, state };
+  window.qwen2vl = { showImage, renderAnswer, gifFrames, state };
   loadModel();
 })();
