@@ -4,8 +4,9 @@ checked, media decoded and tokenized (the processor), sampling settings resolved
 Cost is checked before it is paid: `check_structure` bounds the raw JSON before the schema is
 validated; every media part's keys are type-checked and clamped to the server's limits; every
 source is read once through the processor's MediaAccess (the one place local and remote reads are
-allowed or refused); the prompt is planned from headers alone and refused when it does not fit,
-before any pixel is decoded.
+allowed or refused); the answer's grammar (response_format, guided_regex, a forced tool_choice)
+is compiled before any source is read; the prompt is planned from headers alone and refused when
+it does not fit, before any pixel is decoded.
 
 Runs on a worker thread of the HTTP server, so decoding a large image never blocks the engine.
 Every user mistake raises APIError (400) or a qwen2vl error (mapped to 400 by the app).
@@ -22,6 +23,8 @@ from typing import Any
 
 from qwen2vl.chat import part_type
 from qwen2vl.errors import MediaError, shown
+from qwen2vl.generation import grammar
+from qwen2vl.generation.grammar import Grammar
 from qwen2vl.generation.sampling import SamplingParams
 from qwen2vl.media.sampling import FPS_MAX_FRAMES
 from qwen2vl.media.source import MAX_REMOTE_VIDEO_BYTES, MediaAccess, read_source
@@ -30,6 +33,7 @@ from qwen2vl.serve.engine import visual_key
 from qwen2vl.serve.errors import bad_request
 from qwen2vl.serve.protocol import ChatCompletionRequest, Message, NamedToolChoice
 from qwen2vl.serve.sequence import Request
+from qwen2vl.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +45,6 @@ MEDIA_KEYS = PIXEL_KEYS + COUNT_KEYS + SECOND_KEYS + ("fps", "sample_fps")
 MEDIA_TYPES = {"image": "image", "image_url": "image", "video": "video", "video_url": "video"}
 MAX_DEPTH = 32  # JSON nesting; tool schemas rarely pass 10
 MAX_TOOLS = 128  # OpenAI's own limit
-TOOL_CALL_OPEN = '<tool_call>\n{"name": "'
-TOOL_CALL_CLOSE = "}\n</tool_call>"
 
 
 @dataclass
@@ -69,8 +71,6 @@ class Prepared:
     requests: list[Request]  # one per choice (n)
     prompt_tokens: int
     tools_on: bool = False
-    answer_prefix: str = ""  # text forced at the start of the answer (a required tool call)
-    answer_suffix: str = ""  # text that closes it when the constrained arguments are complete
 
 
 def check_structure(body: Any, limits: Limits) -> None:
@@ -139,50 +139,34 @@ def prepare(
     clamp = _Clamp(processor, limits)
     messages = [_message(m, i, clamp) for i, m in enumerate(req.messages)]
     _check_media_count(messages, limits)
+    tools = _tools(req)
+    answer = _grammar(req, processor.tokenizer)  # before any source is read
     _read_media(messages, processor.access)
-    tools, prefix = _tools(req)
-    # A named tool's arguments are one JSON object: constrained, then closed by the suffix.
-    named = prefix.endswith('"arguments": ')
-    wants_json = req.response_format is not None and req.response_format.type == "json_object"
-    json_object = named or wants_json
-    prefix_ids = processor.tokenizer.encode(prefix) if prefix else []
     kw = dict(add_generation_prompt=True, tools=tools)
-    planned = len(processor.encode(messages, pixels=False, **kw).ids) + len(prefix_ids)
+    planned = len(processor.encode(messages, pixels=False, **kw).ids)
     params = _choice_params(req, defaults, _max_tokens(req, planned, limits))  # still no pixels
     enc = processor.encode(messages, **kw)
-    ids = enc.ids + prefix_ids
-    if len(ids) != planned:  # an EXIF orientation found after the pixels changed a size
-        params = _choice_params(req, defaults, _max_tokens(req, len(ids), limits))
+    if len(enc.ids) != planned:  # an EXIF orientation found after the pixels changed a size
+        params = _choice_params(req, defaults, _max_tokens(req, len(enc.ids), limits))
     keys = [visual_key(v.pixel_values, v.grid_thw) for v in enc.visuals]
     requests = [
         Request(
-            ids,
+            enc.ids,
             enc.visuals,
             keys,
             choice,
             top_logprobs=req.top_logprobs or 0,
             skip_special_tokens=req.skip_special_tokens,
-            json_object=json_object,
+            grammar=answer,
             ignore_eos=req.ignore_eos,
             timeout_s=limits.timeout_s,
         )
         for choice in params
     ]
-    return Prepared(
-        requests,
-        len(ids),
-        tools_on=tools is not None,
-        answer_prefix=prefix,
-        answer_suffix=TOOL_CALL_CLOSE if named else "",
-    )
+    return Prepared(requests, len(enc.ids), tools_on=tools is not None)
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
-    if req.response_format is not None and req.response_format.type == "json_schema":
-        raise bad_request(
-            "response_format json_schema is not supported; use json_object",
-            param="response_format",
-        )
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise bad_request(f"{name} is not supported (use repetition_penalty)", param=name)
@@ -322,27 +306,77 @@ def _check_media_count(messages: list[dict[str, Any]], limits: Limits) -> None:
             )
 
 
-def _tools(req: ChatCompletionRequest) -> tuple[list[dict] | None, str]:
-    """The tools to render (None: none) and the answer prefix a forced tool choice needs."""
+def _tools(req: ChatCompletionRequest) -> list[dict] | None:
+    """The tools to render (None: none)."""
     choice = req.tool_choice
     if not req.tools:
         if choice in ("required",) or isinstance(choice, NamedToolChoice):
             raise bad_request("tool_choice needs tools", param="tool_choice")
-        return None, ""
+        return None
     if choice == "none":
-        return None, ""
-    tools = [t.model_dump(exclude_none=True) for t in req.tools]
-    forced = choice == "required" or isinstance(choice, NamedToolChoice)
-    if forced and req.response_format is not None and req.response_format.type == "json_object":
-        raise bad_request("a forced tool_choice cannot be combined with json_object")
-    if choice == "required" and len(req.tools) > 1:
-        return tools, TOOL_CALL_OPEN  # the model picks the name (not constrained to the tools)
-    if forced:
-        name = req.tools[0].function.name if choice == "required" else choice.function.name
+        return None
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
         if name not in {t.function.name for t in req.tools}:
             raise bad_request(f"tool_choice names {name!r}, not a tool", param="tool_choice")
-        return tools, TOOL_CALL_OPEN + name + '", "arguments": '
-    return tools, ""
+    return [t.model_dump(exclude_none=True) for t in req.tools]
+
+
+def _grammar(req: ChatCompletionRequest, tokenizer: Tokenizer) -> Grammar | None:
+    """The grammar the answer follows (None: free text), compiled: a schema or regex that does
+    not compile is a 400 naming it. llguidance's fuel limits bound the compile, check_structure
+    the schema's size."""
+    fmt = req.response_format
+    wanted = {
+        "response_format": fmt is not None and fmt.type != "text",
+        "guided_regex": req.guided_regex is not None,
+        "tool_choice": bool(req.tools) and (req.tool_choice == "required" or _named(req)),
+    }
+    asked = [name for name, on in wanted.items() if on]
+    if len(asked) > 1:
+        raise bad_request(f"{' and '.join(asked)} cannot be combined", param=asked[-1])
+    if not asked:
+        return None
+    where = asked[0]
+    try:
+        if where == "tool_choice":
+            text = _tool_grammar(req)
+        elif where == "guided_regex":
+            text = grammar.regex(req.guided_regex)
+        elif fmt.type == "json_object":
+            text = grammar.json_object()
+        elif fmt.json_schema is None:
+            where = "response_format.json_schema"
+            raise grammar.GrammarError("json_schema needs {'name': ..., 'schema': {...}}")
+        else:
+            where = "response_format.json_schema.schema"
+            text = grammar.json_schema(fmt.json_schema.schema_, strict=bool(fmt.json_schema.strict))
+        return Grammar(tokenizer, text)
+    except grammar.GrammarError as e:
+        raise bad_request(f"{where}: {e}", param=where, code=e.code or "invalid_grammar") from e
+
+
+def _named(req: ChatCompletionRequest) -> bool:
+    return isinstance(req.tool_choice, NamedToolChoice)
+
+
+def _tool_grammar(req: ChatCompletionRequest) -> str:
+    """Calls to the named tool (one call) or to any of them ("required": one, or more with
+    parallel_tool_calls), each tool's schema checked on its own first so that a 400 names the
+    one at fault."""
+    specs = []
+    for i, tool in enumerate(req.tools):
+        f = tool.function
+        if _named(req) and f.name != req.tool_choice.function.name:
+            continue
+        spec = grammar.ToolSpec(f.name, f.parameters, bool(f.strict))
+        try:
+            grammar.check(grammar.tool_calls([spec], several=False))
+        except grammar.GrammarError as e:
+            where = f"tools[{i}].function.parameters"
+            raise bad_request(f"{where}: {e}", param=where, code="invalid_grammar") from e
+        specs.append(spec)
+    return grammar.tool_calls(specs, several=req.parallel_tool_calls and not _named(req))
 
 
 def _max_tokens(req: ChatCompletionRequest, prompt: int, limits: Limits) -> int:

@@ -3,7 +3,8 @@
 Only what a request may say is typed; content parts stay dicts, checked by the chat/media code
 (which knows image_url, video_url and the per-part qwen-vl-utils keys). Unknown top-level fields
 are ignored, as OpenAI-compatible servers do. Extensions beyond OpenAI (vLLM's names): top_k,
-repetition_penalty, skip_special_tokens, ignore_eos.
+repetition_penalty, skip_special_tokens, ignore_eos, and guided_regex (the answer matches this
+regular expression in full; Rust regex syntax).
 """
 
 from __future__ import annotations
@@ -32,9 +33,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """strict: every keyword of the schema is enforced, and one that cannot be is a 400; else
+    such keywords are ignored (OpenAI's default)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
 
 
 class FunctionDef(BaseModel):
@@ -43,6 +56,7 @@ class FunctionDef(BaseModel):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # as JsonSchemaFormat.strict, for the arguments
 
 
 class Tool(BaseModel):
@@ -81,7 +95,9 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # "required" may then make several calls
     response_format: ResponseFormat | None = None
+    guided_regex: str | None = None
     user: str | None = None
     skip_special_tokens: bool = True
     ignore_eos: bool = False

@@ -4,9 +4,10 @@ Letters: V vocabulary.
 
 A ``Request`` is the prompt already encoded by the processor (media decoded, ids expanded) plus
 its sampling settings; the engine turns it into a ``Sequence`` that picks its tokens from the
-logits the engine hands it, decodes them to text (UTF-8 safe, stop strings held back) and reports
-``Delta`` and ``Finish`` events through the callback given at submission. Callbacks run on the
-engine thread and must only hand the event over (e.g. to an asyncio queue).
+logits the engine hands it (among those its grammar allows, when it has one), decodes them to
+text (UTF-8 safe, stop strings held back) and reports ``Delta`` and ``Finish`` events through the
+callback given at submission. Callbacks run on the engine thread and must only hand the event
+over (e.g. to an asyncio queue).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwen2vl.generation.grammar import Grammar
 from qwen2vl.generation.sampling import SamplingParams, apply_repetition_penalty, top_k_top_p
 from qwen2vl.generation.stop import StopStrings
 from qwen2vl.processor import VisualEncoding
-from qwen2vl.serve.json_mode import JsonConstraint, token_table
 from qwen2vl.tokenizer import Tokenizer
 
 
@@ -33,7 +34,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     top_logprobs: int = 0
     skip_special_tokens: bool = True
-    json_object: bool = False
+    grammar: Grammar | None = None  # compiled; each sequence walks it with its own state
     ignore_eos: bool = False
     timeout_s: float | None = None
 
@@ -102,9 +103,7 @@ class Sequence:
             self.seen[torch.tensor(request.ids)] = True
         self.decoder = tokenizer.stream(skip_special_tokens=request.skip_special_tokens)
         self.stops = StopStrings(self.params.stop)
-        self.json = None
-        if request.json_object:
-            self.json = JsonConstraint(token_table(tokenizer, vocab_size))
+        self.grammar = None if request.grammar is None else request.grammar.state()
 
     @property
     def prompt_tokens(self) -> int:
@@ -117,26 +116,29 @@ class Sequence:
 
     def choose(self, logits: torch.Tensor, greedy_token: int) -> int:
         """The next token from this row's logits [V] (float32, finite: the engine checks the
-        batch); greedy_token is their argmax. Raises NonFiniteLogits when the penalty or the
-        temperature made them inf/NaN (multinomial on NaN is a device assert on CUDA)."""
+        batch); greedy_token is their argmax. A grammar masks the tokens it forbids before any
+        pick. Raises NonFiniteLogits when the penalty or the temperature made them inf/NaN
+        (multinomial on NaN is a device assert on CUDA)."""
         p = self.params
         if self.seen is not None:
             penalty = p.repetition_penalty
             logits = apply_repetition_penalty(logits[None], self.seen[None], penalty)[0]
             _require_finite(logits, "logits")
             greedy_token = int(logits.argmax())
+        if self.grammar is not None:  # after the penalty, whose finiteness check -inf fails
+            allowed = self.grammar.allowed(logits.shape[-1], logits.device)  # [V]
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            greedy_token = int(logits.argmax())
         probs = None
         if p.temperature > 0:
             probs = top_k_top_p(logits[None] / p.temperature, p.top_k, p.top_p).softmax(-1)[0]
             _require_finite(probs, "probabilities")
-        if self.json is not None:
-            budget = p.max_new_tokens - self.generated
-            token = self.json.pick(logits, probs, self.rng, budget=budget)
-            self.json.accept(token)
-        elif probs is None:
+        if probs is None:
             token = greedy_token
         else:
             token = int(torch.multinomial(probs, 1, generator=self.rng))
+        if self.grammar is not None:
+            self.grammar.advance(token)
         if self.seen is not None:
             self.seen[token] = True
         return token
@@ -154,7 +156,7 @@ class Sequence:
             reason = "stop"
         else:
             text = self.stops.push(self.decoder.push(token))
-            if self.stops.stopped or (self.json is not None and self.json.done):
+            if self.stops.stopped or (self.grammar is not None and self.grammar.done):
                 reason = "stop"
         if reason is None and self.generated >= self.params.max_new_tokens:
             reason = "length"
