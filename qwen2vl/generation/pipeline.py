@@ -4,6 +4,7 @@
     pipe.chat(messages, max_new_tokens=256, temperature=0.0, ...) -> str
     for delta in pipe.chat(messages, stream=True): ...
     pipe.generate(batch, max_new_tokens=...) -> new token ids per row
+    pipe.run_batch(requests, max_tokens=...) -> one answer dict per request (the serving engine)
 
 Two caches make multi-turn chat cheap: vision features keyed by a hash of an item's pixels and
 grid (same bytes + same resize settings give the same pixels), and the KV cache of the previous
@@ -30,7 +31,7 @@ from qwen2vl.generation.sampling import SamplingParams
 from qwen2vl.generation.stop import StopStrings
 from qwen2vl.hub import resolve_model
 from qwen2vl.model.qwen2vl import Qwen2VL
-from qwen2vl.processor import Encoding, Processor, VisualEncoding, load_processor
+from qwen2vl.processor import Encoding, Processor, VisualEncoding, load_processor, position_inputs
 
 
 @dataclass
@@ -75,13 +76,22 @@ class Pipeline:
         device: str = "cpu",
         progress: Callable[[int, int], None] | None = None,
         processor: Processor | None = None,
+        tensor_parallel_size: int = 1,
         **processor_kwargs: Any,
     ) -> Pipeline:
         """The model through ``load_for_inference``; ``processor_kwargs`` go to the processor,
         unless the caller loaded it already (``processor``). ``path`` is a checkpoint directory or
-        a repo id ``Org/Name`` (see ``resolve_model``)."""
+        a repo id ``Org/Name`` (see ``resolve_model``). ``tensor_parallel_size=N``: this rank's
+        shard, in each of the N processes torchrun starts (each runs the same calls)."""
         path = resolve_model(path)
-        model = load_for_inference(path, dtype, device, quantize=quantize, progress=progress)
+        model = load_for_inference(
+            path,
+            dtype,
+            device,
+            quantize=quantize,
+            progress=progress,
+            tensor_parallel_size=tensor_parallel_size,
+        )
         return cls(
             model,
             processor or load_processor(path, **processor_kwargs),
@@ -124,6 +134,44 @@ class Pipeline:
         stops = self.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
         return generate(self.model, batch, SamplingParams(**sampling), stop_token_ids=stops)
 
+    def run_batch(
+        self,
+        requests: Sequence[Any],
+        *,
+        max_tokens: int = 256,
+        base_dir: str | Path | None = None,
+        max_num_seqs: int = 8,
+        max_model_len: int | None = None,
+        seed: int | None = None,
+        **sampling: Any,
+    ) -> list[dict[str, Any]]:
+        """Answer many requests at once, batched continuously; one answer dict per request, in
+        order: {"id", "text", "finish_reason", "usage"}, or {"id", "error": {"code", "message"}}
+        for a request that cannot run (the others still do). A request is {"messages": [...],
+        "id"?, per-request settings as in an OpenAI chat request} or a bare message list;
+        ``sampling`` (temperature=0.0 greedy, top_p, top_k, repetition_penalty) and
+        ``max_tokens`` / ``seed`` apply where a request sets none. Relative media paths are
+        relative to ``base_dir``. See qwen2vl/run.py (and `qwen2vl run` for files)."""
+        from qwen2vl import run  # the serving engine: not imported with the pipeline
+
+        unknown = set(sampling) - {"temperature", "top_p", "top_k", "repetition_penalty"}
+        if unknown:
+            raise TypeError(f"run_batch() got unexpected keyword arguments {sorted(unknown)}")
+        settings = run.Settings(
+            max_tokens,
+            {"temperature": 0.0, **sampling},
+            None if base_dir is None else Path(base_dir),
+            seed,
+        )
+        engine = run.make_engine(
+            self.model,
+            self.processor,
+            stop_token_ids=self.stop_token_ids,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+        )
+        return run.run_batch(engine, requests, settings)
+
     # ---- one chat turn -----------------------------------------------------------------------
 
     def _events(self, messages, params: SamplingParams, tools, out: Completion) -> Iterator[str]:
@@ -164,12 +212,7 @@ class Pipeline:
         ids = torch.tensor([enc.ids], device=device)
         P = self._reusable_prefix(enc, at)
         cache = self._cache_for(T + params.max_new_tokens, P)
-        grids = {k: [v.grid_thw for v in enc.visuals if v.kind == k] for k in ("image", "video")}
-        pos, deltas = model.positions(
-            ids,
-            None,
-            *(torch.tensor(g, device=device) if g else None for g in grids.values()),
-        )
+        pos, deltas = model.positions(ids, None, **position_inputs(enc.visuals, device))
         feats = self._suffix_features(enc, at, P)
         with torch.inference_mode():
             x = model.embed(ids[:, P:], feats["image"], feats["video"])

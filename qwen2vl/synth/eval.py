@@ -1,4 +1,5 @@
-"""Scoring a model on a held-out synthetic set: one accuracy per task.
+"""Scoring a model on a held-out synthetic set: one accuracy per task (`qwen2vl eval`, or
+`qwen2vl eval --data synth`; your own data sets are qwen2vl/eval.py's).
 
     scores = evaluate(pipeline, n_per_task=100, seed=EVAL_SEED)
     print(format_table(scores))
@@ -18,13 +19,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen2vl.grounding import Box, parse_grounding
+from qwen2vl.grounding import parse_grounding
+from qwen2vl.metrics import IOU_HIT, iou
 from qwen2vl.synth.dataset import conversation, make_sample
 from qwen2vl.synth.tasks import ALL_TASKS, DIRECTIONS, Sample
 from qwen2vl.synth.world import COLOURS, SHAPES
 
 EVAL_SEED = 1_000_001  # never a training seed: the recipe trains on small seeds
-IOU_HIT = 0.5
 MAX_NEW_TOKENS = 40  # the longest answer (a grounding box) is about 25 tokens
 
 # What each task's row reports, in the table.
@@ -55,16 +56,6 @@ class Answer:
     sample: Sample
     text: str  # the decoded reply, special tokens kept (grounding needs them)
     correct: bool
-
-
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two boxes (degenerate boxes have IoU 0)."""
-    w = min(a.x2, b.x2) - max(a.x1, b.x1)
-    h = min(a.y2, b.y2) - max(a.y1, b.y1)
-    inter = max(0, w) * max(0, h)
-    area = lambda r: max(0, r.x2 - r.x1) * max(0, r.y2 - r.y1)  # noqa: E731
-    union = area(a) + area(b) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _words(text: str) -> list[str]:
