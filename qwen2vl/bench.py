@@ -1,5 +1,5 @@
 """Measure qwen2vl on this machine: load time, vision tower, time to first token, decode tokens/s
-and peak memory, with bf16 weights and with weight-only int8.
+and peak memory, with bf16 weights and with weight-only int8 and int4.
 
     qwen2vl bench [--model DIR | --preset 2B] [--layers N] [--new-tokens 32]
                   [--image-size 448] [--repeats 3] [--device cpu|cuda|cuda:N|auto]
@@ -7,7 +7,10 @@ and peak memory, with bf16 weights and with weight-only int8.
 Without --model it writes a random-weight checkpoint of the preset's architecture (bf16) to a
 temporary directory. The model loads through ``load_for_inference``, as the Pipeline and the
 server load it. Decode is also reported as a fraction of the bandwidth limit (bytes of weights
-read per token / this machine's measured memory read bandwidth). Prints a table; asserts nothing.
+read per token / this machine's measured memory read bandwidth). Below the table, the cost of
+constrained decoding (generation/grammar.py) per token of a JSON-schema answer: mask computed,
+applied to one row of logits on the device, token taken; also as a share of a bf16 decode step.
+Prints a table; asserts nothing.
 The comparison with transformers is ``benchmarks/compare_transformers.py``, built on these
 measurements.
 """
@@ -29,16 +32,21 @@ import torch
 from PIL import Image
 
 import qwen2vl
-from qwen2vl.config import preset
 from qwen2vl.devices import DEVICE_HELP, resolve_device
+from qwen2vl.generation import grammar
 from qwen2vl.generation.generate import Generator
 from qwen2vl.generation.load import load_for_inference
 from qwen2vl.generation.sampling import SamplingParams
 from qwen2vl.hub import resolve_model
+from qwen2vl.presets import PRESETS, preset
+from qwen2vl.tools import to_json
 
 # No decode step of a whole model returns in under 10 us (a Python call and a kernel launch
 # alone cost microseconds): a faster figure is a timing or counting error, never a result.
 MAX_TOKENS_PER_SECOND = 100_000
+# Weight bytes a decode step reads, as a fraction of bf16's: int4 linears 4.5 bits a weight (the
+# group's scale and min included) and an int8 lm_head, about 0.3 on the 2B architecture.
+READ_SCALE = {None: 1.0, "int8": 0.5, "int4": 0.3}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="qwen2vl-bench-") as tmp:
         path, batch, bandwidth = prepare(args, Path(tmp))
         rows, reads = {}, [bandwidth]
-        for quantize in (None, "int8"):
+        for quantize in (None, "int8", "int4"):
             name = f"qwen2vl {quantize or 'bf16'}"
             rows[name] = measure_qwen2vl(
                 path, batch, quantize=quantize, new_tokens=args.new_tokens, repeats=args.repeats
@@ -55,12 +63,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: {rows[name]}", flush=True)
             reads.append(measure_bandwidth(args.device))
         print_table(rows, bandwidth_over_run(reads), bytes_per_token(path))
+        print_grammar(path, args.device, rows["qwen2vl bf16"].decode_tok_s)
     return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: random weights of --preset)")
-    p.add_argument("--preset", default="2B", choices=["2B", "7B", "72B"])
+    p.add_argument("--preset", default="2B", choices=sorted(PRESETS))
     p.add_argument("--layers", type=int, default=None, help="LLM layers of the random model")
     p.add_argument("--new-tokens", type=_at_least_two, default=32)
     p.add_argument(
@@ -285,7 +294,7 @@ def measure_qwen2vl(
     gen = first_token()
     seconds, _ = timed(lambda: list(gen))
     decode = decode_rate(gen.n_new - 1, new_tokens - 1, seconds)
-    return Row(load, vision, ttft, decode, peak_mem(), 0.5 if quantize == "int8" else 1.0)
+    return Row(load, vision, ttft, decode, peak_mem(), READ_SCALE[quantize])
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -297,7 +306,7 @@ def print_table(rows: dict[str, Row], bandwidth: float, bpt: int) -> None:
     limit = bandwidth / bpt
     print(
         f"\nweights read per decode token (bf16): {bpt / 1e9:.2f} GB -> bandwidth limit "
-        f"{limit:.2f} tok/s (int8 reads about half)"
+        f"{limit:.2f} tok/s (int8 reads about half, int4 about 0.3)"
     )
     print(
         f"{'':<18} {'load s':>8} {'vision s':>9} {'TTFT s':>8} {'decode tok/s':>13} "
@@ -309,3 +318,72 @@ def print_table(rows: dict[str, Row], bandwidth: float, bpt: int) -> None:
             f"{name:<18} {r.load_s:>8.2f} {r.vision_s:>9.3f} {r.ttft_s:>8.3f} "
             f"{r.decode_tok_s:>13.2f} {100 * frac:>9.0f}% {r.peak_mem / 1e9:>12.2f}"
         )
+
+
+# ---- constrained decoding --------------------------------------------------------------------
+
+GRAMMAR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0},
+        "email": {"type": "string", "format": "email"},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "zip": {"pattern": "^[0-9]{5}$"}},
+            "required": ["city", "zip"],
+        },
+        "kind": {"enum": ["person", "robot", "other"]},
+        "score": {"type": "number"},
+    },
+    "required": ["name", "age", "tags", "address", "kind"],
+    "additionalProperties": False,
+}
+GRAMMAR_ANSWER = {
+    "name": "Ada Lovelace, née Byron",
+    "age": 36,
+    "email": "ada@example.com",
+    "tags": ["mathematics", "poetry", "engines"],
+    "address": {"city": "London", "zip": "12345"},
+    "kind": "person",
+    "score": 9.75,
+}
+
+
+def measure_grammar(path: Path, device: str, repeats: int = 3) -> tuple[float, float]:
+    """(seconds per token, seconds to compile) of GRAMMAR_SCHEMA: the median over the answer's
+    tokens of mask + masked argmax over one row of logits [V] on ``device`` + advance, as the
+    server's Sequence.choose does them."""
+    tokenizer = qwen2vl.load_processor(path).tokenizer
+    vocab = qwen2vl.Qwen2VLConfig.from_file(path / "config.json").text.vocab_size
+    ids = tokenizer.encode(to_json(GRAMMAR_ANSWER))
+    grammar.token_info(tokenizer)  # once per tokenizer, not per request
+    compile_s, compiled = timed(
+        lambda: grammar.Grammar(tokenizer, grammar.json_schema(GRAMMAR_SCHEMA))
+    )
+    logits = torch.randn(vocab, device=device)
+    times = []
+    for _ in range(repeats):
+        state = compiled.state()
+        for token in ids:
+            start = time.perf_counter()
+            allowed = state.allowed(vocab, logits.device)
+            int(logits.masked_fill(~allowed, float("-inf")).argmax())  # waits for the device
+            state.advance(token)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), compile_s
+
+
+def print_grammar(path: Path, device: str, decode_tok_s: float) -> None:
+    try:
+        per_token, compile_s = measure_grammar(path, device)
+    except grammar.GrammarError as e:  # llguidance not installed
+        print(f"\nconstrained decoding: not measured ({e})")
+        return
+    step = 1 / decode_tok_s
+    print(
+        f"\nconstrained decoding (llguidance, JSON schema): {per_token * 1e3:.3f} ms per token "
+        f"(mask + apply + advance) = {100 * per_token / step:.2g}% of a bf16 decode step "
+        f"({step * 1e3:.1f} ms); compile {compile_s * 1e3:.1f} ms"
+    )

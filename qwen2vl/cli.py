@@ -3,12 +3,16 @@
 qwen2vl --version
 qwen2vl demo [--model DIR] [--out DIR]
 qwen2vl chat [--model DIR] [--device auto] [--image PATH]... [--video PATH]... ["question"]
-qwen2vl eval [--model DIR] [--n N] [--tasks TASK...]
+qwen2vl eval [--model DIR] [--n N] [--tasks TASK...]          the synthetic tasks
+qwen2vl eval --data FILE.jsonl --metric exact|vqa|anls|iou|choice [--model DIR] [--answers OUT]
+qwen2vl run --data requests.jsonl --output answers.jsonl [--model DIR] [...]   (qwen2vl run --help)
 qwen2vl tokens [--model DIR] [--image PATH]... [--video PATH]... [FILE...]
 qwen2vl serve [--model DIR] [...]   (qwen2vl serve --help)
 qwen2vl train [...]                 (qwen2vl train --help)
 qwen2vl init ARCH_DIR --output DIR [--seed N] [--std fan-in|F] [--embed-std F]
 qwen2vl bench [...]                 (qwen2vl bench --help)
+qwen2vl quantize --output DIR --bits 8|4 [--model DIR]   a checkpoint that loads quantised
+qwen2vl plan-memory [--models 2B 7B 72B] [--tp 1 2 4 8] [--context N]   memory per device
 qwen2vl synth-data --out DIR [...]  the synthetic world's data (qwen2vl synth-data --help)
 qwen2vl build-default-model [BUILD_DIR] [--scale S]   the default model's recipe
 
@@ -19,6 +23,8 @@ trained on this project's synthetic world).
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -40,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """Every subcommand; a module that owns one gives `add_arguments(p)`, which sets its run."""
-    from qwen2vl import bench
+    from qwen2vl import bench, plan_memory, quantize_cli
+    from qwen2vl import run as batch
     from qwen2vl.serve import cli as serve
     from qwen2vl.synth import build
     from qwen2vl.synth import dataset as synth_data
@@ -52,12 +59,15 @@ def parser() -> argparse.ArgumentParser:
     commands = [
         ("demo", _demo_parser, "run the default model on fresh synthetic scenes"),
         ("chat", _chat_parser, "chat about images and videos (one shot or REPL)"),
-        ("eval", _eval_parser, "score a model on the held-out synthetic tasks"),
+        ("eval", _eval_parser, "score a model on your JSONL data or the synthetic tasks"),
+        ("run", batch.add_arguments, batch.HELP),
         ("tokens", _tokens_parser, "what images/videos will cost, before running"),
         ("serve", serve.add_arguments, serve.HELP),
         ("train", train.add_arguments, "fine-tune: stages, LoRA, packing, torchrun"),
         ("init", _init_parser, "a new model with random weights (to train)"),
         ("bench", bench.add_arguments, "measure qwen2vl's speed and memory"),
+        ("quantize", quantize_cli.add_arguments, quantize_cli.HELP),
+        ("plan-memory", plan_memory.add_arguments, plan_memory.HELP),
         ("synth-data", synth_data.add_arguments, "write a synthetic data set (JSONL + media)"),
         ("build-default-model", build.add_arguments, "rebuild the embedded default model"),
     ]
@@ -116,28 +126,86 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
+    from qwen2vl import eval as data_eval
+    from qwen2vl.run import add_engine_arguments
     from qwen2vl.synth.eval import EVAL_SEED
     from qwen2vl.synth.tasks import ALL_TASKS
 
-    _model_option(p)
-    p.add_argument("--n", type=int, default=200, help="held-out samples per task")
-    p.add_argument("--seed", type=int, default=EVAL_SEED, help="the held-out set's seed")
+    p.description = data_eval.__doc__.split("\n\n", 1)[0] + "\n\n" + _EVAL_USAGE
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--data", default="synth", help="a JSONL data file, or synth (the default)")
+    p.add_argument("--metric", choices=list(data_eval.METRICS), help="how a data file is scored")
+    add_engine_arguments(p, dtype="float32")
+    p.add_argument("--answers", default=None,
+                   help="write every reply to this JSONL file (with --data FILE: FILE's name "
+                   "with .METRIC.jsonl, by default)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=128, help="--data FILE: tokens per reply")
+    p.add_argument("--n", type=int, default=200, help="synth: held-out samples per task")
+    p.add_argument("--seed", type=int, default=EVAL_SEED, help="synth: the held-out set's seed")
     p.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=ALL_TASKS)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
-    p.add_argument("--answers", default=None, help="write every reply to this JSONL file")
+    p.add_argument("--batch-size", type=int, default=32, help="synth: samples per batch")
     p.set_defaults(run=_eval)
 
 
+_EVAL_USAGE = """data line: {"id", "messages": [..., {"role": "assistant", "content": REFERENCE}]}
+      or   {"id", "messages": [...], "answers": [REFERENCE, ...], "options": [...]?}
+metrics:   exact (whitespace/case aside), vqa (VQA accuracy, official normalisation),
+           anls (DocVQA, threshold 0.5), iou (a box with IoU >= 0.5; 0..1000 coordinates),
+           choice (the option letter: "The answer is (B)", "b) cat")
+without --data (or --data synth): the held-out synthetic tasks (--n, --seed, --tasks)"""
+
+
 def _eval(args: argparse.Namespace) -> int:
+    if args.data != "synth":
+        return _eval_data(args)
+    if args.metric is not None:
+        print("error: --metric scores a data file (--data FILE)", file=sys.stderr)
+        return 2
+    return _eval_synth(args)
+
+
+def _eval_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qwen2vl import eval as data_eval
+    from qwen2vl.run import engine_from, progress_bar
+
+    if args.metric is None or args.max_tokens < 1:
+        print("error: --data FILE needs --metric, and --max-tokens >= 1", file=sys.stderr)
+        return 2
+    data = Path(args.data)
+    if not data.is_file():
+        print(f"error: {data}: no such data file", file=sys.stderr)
+        return 2
+    results = args.answers or str(data.with_suffix(f".{args.metric}.jsonl"))
+    engine = engine_from(args)
+    t = time.perf_counter()
+    scores = data_eval.evaluate_file(
+        engine,
+        data,
+        args.metric,
+        max_tokens=args.max_tokens,
+        results=results,
+        progress=progress_bar("evaluating"),
+    )
+    print(f"model: {model_or_default(args.model)}\ngreedy, at most {args.max_tokens} tokens\n")
+    print(data_eval.format_table([scores]))
+    print(f"\nper-sample results in {results} ({time.perf_counter() - t:.1f} s)")
+    return 0
+
+
+def _eval_synth(args: argparse.Namespace) -> int:
+    from qwen2vl.devices import resolve_device, resolve_dtype
     from qwen2vl.generation.pipeline import Pipeline
     from qwen2vl.synth.eval import evaluate, format_table, write_answers
 
     if args.n < 1 or args.batch_size < 1:
         print("error: --n and --batch-size must be >= 1", file=sys.stderr)
         return 2
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     path = model_or_default(args.model)
-    pipe = Pipeline.from_pretrained(path, dtype=args.dtype)
+    pipe = Pipeline.from_pretrained(path, dtype=dtype, device=device, quantize=args.quantize)
     answers: list = []
     t = time.perf_counter()
     scores = evaluate(
@@ -211,7 +279,13 @@ def _chat_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", action="append", default=[], help="video path (repeatable)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
-    p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 LLM")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only LLM")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the LLM over N processes: run under torchrun --nproc-per-node N",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -229,7 +303,14 @@ def _chat(args: argparse.Namespace) -> int:
     from qwen2vl.processor import load_processor
 
     path, device, dtype, access, sampling = _chat_checked(args)
-    if path == DEFAULT_MODEL_DIR:
+    tp, main = args.tensor_parallel_size, os.environ.get("RANK", "0") == "0"
+    if tp > 1 and args.prompt is None:
+        raise Qwen2VLError("--tensor-parallel-size: give the question as an argument")
+    if tp > 1:  # each rank logs the memory its shard takes
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not main:  # under torchrun every rank runs the same chat; rank 0 prints it
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    if path == DEFAULT_MODEL_DIR and main:
         print(default_model_notice("qwen2vl chat"), file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     media = _media_parts(args.image, args.video)
@@ -243,8 +324,9 @@ def _chat(args: argparse.Namespace) -> int:
         dtype=dtype,
         quantize=args.quantize,
         device=device,
-        progress=_progress_bar("loading weights"),
+        progress=_progress_bar("loading weights") if main else None,
         processor=processor,
+        tensor_parallel_size=tp,
     )
     if args.prompt is not None:
         _answer(pipe, first, sampling)

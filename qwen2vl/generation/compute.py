@@ -3,7 +3,7 @@ dtype this CPU has.
 
 Two regimes, chosen per call by the number of activation rows:
 - Few rows (decode, up to ``gemv.MAX_ROWS``): memory-bound; ``gemv.py``'s kernel streams the bf16
-  (or int8) weights near the memory bandwidth. PyTorch's kernel where it is unavailable.
+  (or int8, or int4) weights near the memory bandwidth. PyTorch's kernel where it is unavailable.
 - Many rows (prefill, the vision tower, from ``MIN_ROWS``): compute-bound. CPUs with bf16 matrix
   instructions (AVX512-BF16, AMX) run bf16 matmuls several times faster than float32; CPUs
   without them (AVX2, older AVX-512) several times slower (measured: 1 vs 166 GFLOP/s on an AVX2
@@ -49,12 +49,21 @@ class Kernels:
 PYTORCH_ONLY = Kernels()
 
 
+def workspace(*shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """This thread's reused float32 workspace as a tensor of ``shape`` (valid until the next
+    call): a fresh buffer per call would page-fault on every use."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    ws = getattr(_local, "workspace", None)
+    if ws is None or ws.numel() < numel or ws.device != torch.device(device):
+        ws = _local.workspace = torch.empty(numel, dtype=torch.float32, device=device)
+    return ws[:numel].view(shape)
+
+
 def widened(w: torch.Tensor) -> torch.Tensor:
     """w as float32, in this thread's reused workspace (valid until the next call)."""
-    ws = getattr(_local, "workspace", None)
-    if ws is None or ws.numel() < w.numel() or ws.device != w.device:
-        ws = _local.workspace = torch.empty(w.numel(), dtype=torch.float32, device=w.device)
-    return ws[: w.numel()].view(w.shape).copy_(w)
+    return workspace(*w.shape, device=w.device).copy_(w)
 
 
 def many_rows(x: torch.Tensor) -> bool:
@@ -85,18 +94,19 @@ def half_matmul_is_slow(dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def choose_kernels(dtype: torch.dtype, *, int8: bool = False) -> Kernels:
-    """The CPU paths for a model with ``dtype`` weights (and activations), int8 or not: the
-    decode kernel where its weights can use it (built here if need be), float32 widening where
-    this CPU's ``dtype`` matmuls are slow (measured here). Once per process; logged."""
+def choose_kernels(dtype: torch.dtype, *, quantized: str | None = None) -> Kernels:
+    """The CPU paths for a model with ``dtype`` weights (and activations), ``quantized`` to
+    "int8" or "int4" or not: the decode kernel where its weights can use it (built here if need
+    be), float32 widening where this CPU's ``dtype`` matmuls are slow (measured here). Once per
+    process; logged."""
     kernels = Kernels(
-        gemv=(int8 or dtype in gemv.WEIGHT_DTYPES) and gemv.available(),
+        gemv=(quantized is not None or dtype in gemv.WEIGHT_DTYPES) and gemv.available(),
         widen=dtype != torch.float32 and half_matmul_is_slow(dtype),
     )
     name = str(dtype).removeprefix("torch.")
     logger.info(
         "CPU matmuls for %s%s weights: decode rows by %s; prefill and vision matmuls in %s",
-        "int8/" if int8 else "",
+        f"{quantized}/" if quantized else "",
         name,
         "qwen2vl's kernel" if kernels.gemv else "PyTorch",
         f"float32 (this CPU's {name} matmuls are slow)" if kernels.widen else name,

@@ -1,9 +1,11 @@
-"""Decode matmuls on CPU (a few activation rows against bf16 or int8 weights) in a small C++ loop.
+"""Decode matmuls on CPU (a few activation rows against bf16, int8 or int4 weights) in a small C++
+loop; and the one-pass unpacking of int4 weights for prefill.
 
 Why: decode reads every weight once per token, so its speed is the memory bandwidth. PyTorch's
 bf16 and int8 kernels for one row reach about 65 % of it on a 2-core machine; ``gemv.cpp``
 streams each thread's rows once and reaches 85-98 % of it in bf16, 68-98 % in int8 (by matrix
-shape, measured).
+shape, measured). int4 (quantize.py's groups) multiplies int8-quantised activations as integers:
+faster than int8 where widening each weight to float would be the bottleneck (see gemv.cpp).
 
 ``available()`` compiles the kernel for this CPU the first time it is asked for
 (``torch.utils.cpp_extension``: a C++ compiler and ninja, about 20 s) and caches it under a name
@@ -154,3 +156,29 @@ def linear(
     accumulated in float32. Call only where ``fits(x, weight)`` and ``available()``."""
     out = _load().gemv(x.reshape(-1, x.shape[-1]), weight, scales, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_int4(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    bias: torch.Tensor | None,
+    group: int,
+) -> torch.Tensor:
+    """``x @ w.T (+ bias)`` for int4 weights stored as ``quantize.quantize_groups`` packs them,
+    in x's dtype; x's rows are quantised to int8 per group (see gemv.cpp). Any number of rows:
+    measured here, its integer products beat dequantising and a float32 matmul up to ~250 rows
+    (2B shapes), so prefill takes it below compute.MIN_ROWS too. Call only where ``available()``
+    and x is a CPU tensor of an ACTIVATION_DTYPES dtype."""
+    out = _load().gemv_int4(x.reshape(-1, x.shape[-1]), packed, scales, mins, bias, group)
+    return out.view(*x.shape[:-1], packed.shape[0])
+
+
+def dequantize_int4(
+    packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int, out: torch.Tensor
+) -> torch.Tensor:
+    """int4 weights as float32 into ``out`` [N, Kp] (as ``quantize.dequantize_int4``, one pass
+    over the weights in parallel). Call only where ``available()``."""
+    _load().dequantize_int4(packed, scales, mins, group, out)
+    return out

@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
-    p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 LLM")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only LLM")
     p.add_argument("--max-num-seqs", type=_positive, default=8, help="sequences decoded together")
     p.add_argument(
         "--max-model-len",

@@ -51,5 +51,5 @@ def test_loading_prints_nothing_and_leaves_the_environment_alone(tied, capfd):
 
 
 def test_an_unknown_quantisation_is_refused_before_reading_anything(tmp_path):
-    with pytest.raises(ValueError, match="int4"):
-        load_for_inference(tmp_path / "missing", quantize="int4")
+    with pytest.raises(ValueError, match="int3"):
+        load_for_inference(tmp_path / "missing", quantize="int3")
