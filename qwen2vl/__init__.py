@@ -1,4 +1,4 @@
-"""qwen2vl: a small, fast, correct Python implementation of Qwen2-VL."""
+"""qwen2vl: a small, fast, correct Python implementation of Qwen2-VL and Qwen2.5-VL."""
 
 from qwen2vl.config import Qwen2VLConfig, TextConfig, VisionConfig
 from qwen2vl.errors import (

@@ -53,7 +53,9 @@ def parser() -> argparse.ArgumentParser:
     from qwen2vl.synth import dataset as synth_data
     from qwen2vl.train import cli as train
 
-    p = argparse.ArgumentParser(prog="qwen2vl", description="Qwen2-VL in plain PyTorch.")
+    p = argparse.ArgumentParser(
+        prog="qwen2vl", description="Qwen2-VL and Qwen2.5-VL in plain PyTorch."
+    )
     p.add_argument("--version", action="version", version=f"qwen2vl {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     commands = [
@@ -150,7 +152,7 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
 _EVAL_USAGE = """data line: {"id", "messages": [..., {"role": "assistant", "content": REFERENCE}]}
       or   {"id", "messages": [...], "answers": [REFERENCE, ...], "options": [...]?}
 metrics:   exact (whitespace/case aside), vqa (VQA accuracy, official normalisation),
-           anls (DocVQA, threshold 0.5), iou (a box with IoU >= 0.5; 0..1000 coordinates),
+           anls (DocVQA, threshold 0.5), iou (a box with IoU >= 0.5, in the model's frame),
            choice (the option letter: "The answer is (B)", "b) cat")
 without --data (or --data synth): the held-out synthetic tasks (--n, --seed, --tasks)"""
 

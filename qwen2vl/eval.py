@@ -22,8 +22,9 @@ Metrics (qwen2vl/metrics.py, one score in [0, 1] per sample, the data set's is t
     vqa     VQA accuracy, the official answer normalisation, min(#refs said / 3, 1) averaged
             over leave-one-out subsets
     anls    DocVQA's ANLS: 1 - normalised edit distance to the closest reference, 0 below 0.5
-    iou     a hit when the reply's first box has IoU >= 0.5 with a reference box (boxes in
-            Qwen2-VL's 0..1000 coordinates, written as the model writes them, `(x1,y1),(x2,y2)`)
+    iou     a hit when the reply's first box has IoU >= 0.5 with a reference box, the numbers
+            compared as written: references must be in the model's own frame (Qwen2-VL 0..1000;
+            Qwen2.5-VL pixels of the resized image), markup, `(x1,y1),(x2,y2)` or bbox_2d JSON
     choice  the option letter of the reply ("The answer is (B)", "b) cat") equals the reference's
 
 Samples that could not run (a bad line, a missing image) are listed as errors, not scored.

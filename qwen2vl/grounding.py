@@ -115,11 +115,6 @@ class Box:
             *frame.from_pixels(x1, y1, width, height), *frame.from_pixels(x2, y2, width, height)
         )
 
-    def rescaled(self, source: Frame, target: Frame) -> Box:
-        """The same box in another frame (e.g. original-image pixels to resized-input pixels)."""
-        w, h = target.width, target.height
-        return Box.from_pixels(*self.to_pixels(w, h, source), w, h, target)
-
 
 @dataclass(frozen=True)
 class Quad:

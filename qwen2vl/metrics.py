@@ -4,8 +4,8 @@
     vqa_accuracy(reply, refs)  VQA accuracy: min(#humans who gave the answer / 3, 1), averaged
                                over the 10-choose-9 subsets of the (10) human answers
     anls(reply, refs)          DocVQA's Average Normalized Levenshtein Similarity (threshold 0.5)
-    iou(a, b), box_hit(...)    grounding: IoU of boxes in Qwen2-VL's 0..1000 coordinates, a hit
-                               at IoU >= 0.5
+    iou(a, b), box_hit(...)    grounding: IoU of boxes in one frame (the numbers as written), a
+                               hit at IoU >= 0.5
     choice_letter(reply)       the option letter of a multiple-choice reply ("The answer is (B)")
 
 Each scorer returns a float in [0, 1]; a data set's score is their mean. The VQA normalisation and
@@ -159,8 +159,8 @@ def iou(a: Box, b: Box) -> float:
 
 def boxes_in(text: str) -> list[Box]:
     """The boxes of a reply or reference: grounding markup (`<|box_start|>(x1,y1),(x2,y2)
-    <|box_end|>`), else bare `(x1,y1),(x2,y2)` pairs, as a reply decoded without its special
-    tokens reads."""
+    <|box_end|>`) or Qwen2.5-VL's `{"bbox_2d": [...]}` entries, else bare `(x1,y1),(x2,y2)`
+    pairs, as a reply decoded without its special tokens reads."""
     marked = [box for obj in parse_grounding(text) for box in obj.boxes]
     return marked or parse_box_body(text)
 

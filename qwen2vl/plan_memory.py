@@ -1,5 +1,6 @@
-"""What each released Qwen2-VL needs on each device: weights per device by tensor-parallel degree
-and storage (bf16 / int8), plus the KV cache of a context, computed from the configs.
+"""What each released Qwen2-VL and Qwen2.5-VL needs on each device: weights per device by
+tensor-parallel degree and storage (bf16 / int8; int4 is not planned yet), plus the KV cache of a
+context, computed from the configs.
 
     qwen2vl plan-memory [--models 2B 7B 72B] [--tp 1 2 4 8] [--context 32768] [--batch 1]
                         [--markdown]   (per-device totals only, one column per TP degree)

@@ -5,7 +5,7 @@ Used where a size matters without its weights: random-weight benchmarks, the mem
 
 from __future__ import annotations
 
-from qwen2vl.config import ConfigError, Qwen2VLConfig, TextConfig, VisionConfig
+from qwen2vl.config import FAMILIES, ConfigError, Qwen2VLConfig, TextConfig, VisionConfig
 
 
 def _preset(
@@ -20,16 +20,10 @@ def _preset(
 def _preset25(
     hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int, tie: bool
 ) -> Qwen2VLConfig:
-    vision = VisionConfig(
-        hidden_size=hidden,
-        hidden_act="silu",
-        norm="rmsnorm",
-        mlp="gated",
-        intermediate_size=3420,
-        window_size=112,
-        fullatt_block_indexes=[7, 15, 23, 31],
-        tokens_per_second=2,
-    )
+    # The family's defaults (transformers' Qwen2_5_VLVisionConfig), but 2 tokens per second as
+    # every release's config.json writes.
+    defaults = FAMILIES["qwen2_5_vl"].defaults | {"tokens_per_second": 2}
+    vision = VisionConfig(hidden_size=hidden, **defaults)
     text = _preset_text(hidden, inter, layers, heads, kv, vocab, tie, max_len=128000)
     return Qwen2VLConfig(text=text, vision=vision, model_type="qwen2_5_vl")
 

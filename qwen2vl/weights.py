@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -140,12 +141,23 @@ def load_model(
     return model.eval()
 
 
+def quantization_config(path: Path) -> Any:
+    """config.json's quantization_config (top level, or under text_config as transformers 5
+    writes it); None where absent or where config.json cannot be read (its loader says why)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config")
+    nested = text.get("quantization_config") if isinstance(text, dict) else None
+    return config.get("quantization_config") or nested or None
+
+
 def _refuse_quantized(path: Path) -> None:
     """A quantised checkpoint holds other tensors than the float model: one line, not a key list."""
-    try:
-        spec = json.loads((path / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return  # Qwen2VLConfig.from_file reports the file
+    spec = quantization_config(path)
     if spec is None:
         return
     method = spec.get("quant_method") if isinstance(spec, dict) else spec

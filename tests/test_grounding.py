@@ -187,11 +187,10 @@ def test_frames_map_each_family_onto_the_original_image():
     assert Box(322, 161, 644, 322).to_pixels(1000, 500) != (500.0, 250.0, 1000.0, 500.0)
 
 
-def test_from_pixels_into_a_pixel_frame_and_rescaled():
+def test_from_pixels_into_a_pixel_frame():
     frame = Frame(644, 322)
     assert Box.from_pixels(0, 0, 1000, 500, 1000, 500, frame) == Box(0, 0, 643, 321)
-    original = Frame(1000, 500)
-    assert Box(100, 50, 500, 250).rescaled(original, frame) == Box(64, 32, 322, 161)
+    assert Box.from_pixels(100, 50, 500, 250, 1000, 500, frame) == Box(64, 32, 322, 161)
 
 
 def test_map_points_rewrites_markup_and_json_and_nothing_else():

@@ -150,3 +150,11 @@ def test_a_quantised_checkpoint_is_refused_in_one_line_before_its_weights(tmp_pa
     with pytest.raises(CheckpointError, match=f"quant_method='{method}'") as e:
         qwen2vl.load_model(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_a_quantisation_nested_in_text_config_is_refused_too(tmp_path):
+    config = tiny_config().to_hf()
+    config["text_config"] = {"quantization_config": {"quant_method": "gptq"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="quant_method='gptq'"):
+        qwen2vl.load_model(tmp_path)

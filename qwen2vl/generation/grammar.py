@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import torch
@@ -40,7 +40,6 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 TOOL_CALL_HEAD = '<tool_call>\n{"name": '
 TOOL_CALL_ARGS = ', "arguments": '
 TOOL_CALL_TAIL = "}\n</tool_call>"
-_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 class GrammarError(Qwen2VLError, ValueError):
@@ -161,6 +160,11 @@ class _Vocabulary:
         return self._encode(text)
 
 
+@cache
+def _shifts(device: torch.device | str) -> torch.Tensor:
+    return torch.arange(32, dtype=torch.int32, device=device)
+
+
 class Grammar:
     """A grammar compiled against a tokenizer; ``state()`` starts a sequence on it."""
 
@@ -180,7 +184,8 @@ class GrammarState:
 
     def __init__(self, matcher, words: int):
         self.matcher = matcher
-        self.bits = torch.empty(words, dtype=torch.int32)  # [W] filled by llguidance
+        self.words = words  # what llguidance fills; the rest of bits stays 0 (never allowed)
+        self.bits = torch.zeros(words, dtype=torch.int32)  # [W]
 
     @property
     def done(self) -> bool:
@@ -189,15 +194,14 @@ class GrammarState:
 
     def allowed(self, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """[vocab] bool on ``device``: the tokens that keep the text inside the grammar."""
-        self.matcher.unsafe_compute_mask_ptr(self.bits.data_ptr(), self.bits.numel() * 4)
+        if self.bits.numel() * 32 < vocab:  # ids past the tokenizer's (embedding padding)
+            self.bits = torch.cat([self.bits, self.bits.new_zeros(-(-vocab // 32) - self.words)])
+        self.matcher.unsafe_compute_mask_ptr(self.bits.data_ptr(), self.words * 4)
         if self.matcher.is_error():
             raise GrammarError(f"grammar failed: {_one_line(self.matcher.get_error())}")
         bits = self.bits.to(device)
-        mask = (bits[:, None] >> _SHIFTS.to(device)) & 1  # [W, 32], bit j of word w: id 32w+j
-        mask = mask.view(-1).bool()[:vocab]
-        if mask.numel() < vocab:  # ids past the tokenizer's (embedding padding): never
-            mask = torch.cat([mask, mask.new_zeros(vocab - mask.numel())])
-        return mask
+        mask = (bits[:, None] >> _shifts(device)) & 1  # [W, 32], bit j of word w: id 32w+j
+        return mask.view(-1).bool()[:vocab]
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):

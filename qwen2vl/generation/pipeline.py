@@ -1,6 +1,6 @@
 """The user-facing chat API: messages in, text (or a stream of text deltas) out.
 
-    pipe = Pipeline.from_pretrained(path, dtype="bfloat16", quantize=None | "int8")
+    pipe = Pipeline.from_pretrained(path, dtype="bfloat16", quantize=None | "int8" | "int4")
     pipe.chat(messages, max_new_tokens=256, temperature=0.0, ...) -> str
     for delta in pipe.chat(messages, stream=True): ...
     pipe.generate(batch, max_new_tokens=...) -> new token ids per row

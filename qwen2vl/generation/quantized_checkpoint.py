@@ -46,7 +46,14 @@ from qwen2vl.generation.quantize import (
     quantized_modules,
 )
 from qwen2vl.model.qwen2vl import Qwen2VL
-from qwen2vl.weights import check_keys, load_model, read_state_dict, resolve_dtype, save_pretrained
+from qwen2vl.weights import (
+    check_keys,
+    load_model,
+    quantization_config,
+    read_state_dict,
+    resolve_dtype,
+    save_pretrained,
+)
 
 METHOD = "qwen2vl"
 BITS = {"int8": 8, "int4": 4}
@@ -129,13 +136,7 @@ def load_quantized(
 
 def _spec(path: Path) -> dict | None:
     """config.json's quantization_config, checked to be this format's; None where absent."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return None  # the loader reports a missing or broken config.json in its own words
-    spec = config.get("quantization_config") or (config.get("text_config") or {}).get(
-        "quantization_config"
-    )
+    spec = quantization_config(path)
     if not spec:
         return None
     method = spec.get("quant_method") if isinstance(spec, dict) else None

@@ -124,19 +124,17 @@ class Sequence:
             penalty = p.repetition_penalty
             logits = apply_repetition_penalty(logits[None], self.seen[None], penalty)[0]
             _require_finite(logits, "logits")
-            greedy_token = int(logits.argmax())
         if self.grammar is not None:  # after the penalty, whose finiteness check -inf fails
             allowed = self.grammar.allowed(logits.shape[-1], logits.device)  # [V]
             logits = logits.masked_fill(~allowed, float("-inf"))
-            greedy_token = int(logits.argmax())
-        probs = None
         if p.temperature > 0:
             probs = top_k_top_p(logits[None] / p.temperature, p.top_k, p.top_p).softmax(-1)[0]
             _require_finite(probs, "probabilities")
-        if probs is None:
-            token = greedy_token
-        else:
             token = int(torch.multinomial(probs, 1, generator=self.rng))
+        elif self.seen is not None or self.grammar is not None:  # the logits changed
+            token = int(logits.argmax())
+        else:
+            token = greedy_token
         if self.grammar is not None:
             self.grammar.advance(token)
         if self.seen is not None:
