@@ -97,16 +97,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint, memory-mapped, under our key names."""
     out: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(Path(path)):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    out[canonical_key(key)] = f.get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(
-                f"{file}: unreadable safetensors file ({e}); it may be truncated "
-                "or corrupt — download or save it again"
-            ) from e
+        with open_safetensors(file) as f:
+            for key in f.keys():
+                out[canonical_key(key)] = f.get_tensor(key)
     return out
+
+
+def open_safetensors(file: Path):
+    """``safe_open`` (memory-mapped), a damaged file reported as a CheckpointError."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{file}: unreadable safetensors file ({e}); it may be truncated "
+            "or corrupt — download or save it again"
+        ) from e
 
 
 def load_model(

@@ -39,10 +39,15 @@ GROUP = 64  # int4 weights per scale and min
 CHUNK = 64  # int4 weights per packed run of 32 bytes (see the module docstring)
 
 
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] -> int8 weights [N, K], float32 scales [N] with w ~= q * scale[:, None]."""
+def quantize_per_channel(
+    w: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> int8 weights [N, K], float32 scales [N] with w ~= q * scale[:, None].
+    ``amax`` [N]: each row's max |w| when the row is wider than ``w`` (split across ranks)."""
     w = w.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    if amax is None:
+        amax = w.abs().amax(dim=1)
+    scale = (amax / 127).clamp(min=1e-12)
     q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
     return q, scale
 
@@ -86,13 +91,19 @@ def dequantize_int4(
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear, kernels: Kernels = PYTORCH_ONLY):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        kernels: Kernels = PYTORCH_ONLY,
+        *,
+        amax: torch.Tensor | None = None,  # see quantize_per_channel
+    ):
         super().__init__()
         if linear.weight.is_meta:  # a stored checkpoint's module (quantized_checkpoint.py): shapes
             q = torch.empty(linear.weight.shape, dtype=torch.int8, device="meta")
             scale = torch.empty(linear.out_features, device="meta")
         else:
-            q, scale = quantize_per_channel(linear.weight.detach())
+            q, scale = quantize_per_channel(linear.weight.detach(), amax)
         self.register_buffer("weight", q)
         self.register_buffer("scales", scale)  # float32: exact max|w| / 127
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)

@@ -58,7 +58,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qwen2vl.config import Qwen2VLConfig, TextConfig
@@ -68,7 +67,13 @@ from qwen2vl.generation.quantize import Int8Linear
 from qwen2vl.generation.quantize import quantize_int8 as quantize_int8_whole
 from qwen2vl.model.qwen2vl import Qwen2VL
 from qwen2vl.model.text import MLP, Attention
-from qwen2vl.weights import canonical_key, check_keys, checkpoint_files, resolve_dtype
+from qwen2vl.weights import (
+    canonical_key,
+    check_keys,
+    checkpoint_files,
+    open_safetensors,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +299,7 @@ def load_sharded(
     wanted = [k for k in model.state_dict() if not (k == HEAD and cfg.text.tie_word_embeddings)]
     state: dict[str, torch.Tensor] = {}
     for file in sorted({where[_checkpoint_name(k)][0] for k in wanted}):
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             for k in wanted:
                 name = _checkpoint_name(k)
                 if where[name][0] == file:
@@ -315,19 +320,10 @@ def _index(path: Path) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
     """Our key -> (file, key in the file, shape), read from the files' headers only."""
     out = {}
     for file in checkpoint_files(path):
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 out[canonical_key(key)] = (file, key, tuple(f.get_slice(key).get_shape()))
     return out
-
-
-def _open(file: Path):
-    try:
-        return safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{file}: unreadable safetensors file ({e}); it may be truncated or corrupt"
-        ) from e
 
 
 def split_dim(name: str) -> int | None:
@@ -372,14 +368,9 @@ def quantize_int8(model: Qwen2VL, *, kernels: Kernels = PYTORCH_ONLY) -> Qwen2VL
 
 def _int8_split_rows(linear: nn.Linear, kernels: Kernels, group) -> Int8Linear:
     """As quantize_per_channel, with max|w| of each row taken over every rank's columns."""
-    w = linear.weight.detach().float()  # [N, K/ranks]
-    amax = w.abs().amax(dim=1)
+    amax = linear.weight.detach().float().abs().amax(dim=1)  # [N] of this rank's K/ranks
     dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-    scale = (amax / 127).clamp(min=1e-12)
-    out = Int8Linear(linear, kernels)
-    out.weight.copy_((w / scale[:, None]).round().clamp(-127, 127))
-    out.scales.copy_(scale)
-    return out
+    return Int8Linear(linear, kernels, amax=amax)
 
 
 # ---- memory ------------------------------------------------------------------------------------
