@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwen2vl.default_model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NOTE
 from qwen2vl.errors import Qwen2VLError
 from qwen2vl.serve import protocol
-from qwen2vl.serve.engine import Engine, QueueFull
+from qwen2vl.serve.engine import Engine, QueueFull, Unavailable
 from qwen2vl.serve.errors import APIError, model_not_found, queue_full, too_large, unauthorized
 from qwen2vl.serve.prepare import Limits, Prepared, check_structure, prepare
 from qwen2vl.serve.protocol import ChatCompletionRequest
@@ -187,7 +187,7 @@ async def _chat(engine: Engine, config: ServerConfig, body: ChatCompletionReques
         stream = _stream(engine, prepared, seqs, events, head, include_usage, watcher)
         return StreamingResponse(stream, media_type="text/event-stream")
     try:
-        return await _collect(engine, prepared, events, head)
+        return await _collect(engine, prepared, seqs, events, head)
     finally:
         watcher.cancel()
         for seq in seqs:
@@ -215,6 +215,8 @@ def _submit(engine: Engine, prepared: Prepared, events: asyncio.Queue) -> list[S
         for seq in seqs:
             engine.cancel(seq)
         raise queue_full(str(e)) from e
+    except Unavailable as e:
+        raise APIError(503, str(e), type_="server_error", code="unavailable") from e
     except ValueError as e:  # over the model length (prepare checks first)
         raise APIError(400, str(e), code="context_length_exceeded") from e
     return seqs
@@ -227,7 +229,9 @@ async def _cancel_on_disconnect(request: Request, engine: Engine, seqs: list[Seq
         engine.cancel(seq)
 
 
-async def _collect(engine: Engine, prepared: Prepared, events: asyncio.Queue, head) -> JSONResponse:
+async def _collect(
+    engine: Engine, prepared: Prepared, seqs: list[Sequence], events: asyncio.Queue, head
+) -> JSONResponse:
     choices = _choices(prepared, engine)
     n = len(choices)
     reasons: dict[int, str] = {}
@@ -248,7 +252,8 @@ async def _collect(engine: Engine, prepared: Prepared, events: asyncio.Queue, he
             {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
         )
     completion = sum(c.tokens for c in choices)
-    body = protocol.completion(*head, out, protocol.usage(prepared.prompt_tokens, completion))
+    usage = protocol.usage(prepared.prompt_tokens, completion, seqs[0].cached_tokens)
+    body = protocol.completion(*head, out, usage)
     return JSONResponse(body)
 
 
@@ -307,7 +312,7 @@ async def _stream(
                     done += 1
         if include_usage and not failed:
             completion = sum(c.tokens for c in choices)
-            usage = protocol.usage(prepared.prompt_tokens, completion)
+            usage = protocol.usage(prepared.prompt_tokens, completion, seqs[0].cached_tokens)
             yield sse_line(protocol.chunk(*head, [], usage))
         yield sse_line("[DONE]")
     finally:  # normal end, or the client went away (the task is cancelled)

@@ -3,6 +3,11 @@
     qwen2vl serve [--model DIR] [--host 127.0.0.1 --port 8000 --api-key KEY --max-num-seqs 8
                   --device auto --dtype auto --limit-mm-per-prompt image=8,video=2
                   --allowed-local-media-path DIR --allow-remote-media --max-model-len N ...]
+    torchrun --nproc-per-node N -m qwen2vl serve --model DIR --tensor-parallel-size N ...
+
+Under tensor parallelism rank 0 runs the HTTP server and the engine; the other ranks load their
+shards and replay rank 0's model calls (serve/runner.py) until it stops. A lost rank makes rank 0
+answer 503 and exit (status 1).
 
 ``add_arguments(parser)`` gives the main CLI (qwen2vl/cli.py) its options and sets ``run``.
 Every argument value and the `serve` extra's packages are checked before any weights are read.
@@ -48,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only LLM")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=_positive,
+        default=1,
+        help="split the LLM over N processes: run under torchrun --nproc-per-node N",
+    )
     p.add_argument("--max-num-seqs", type=_positive, default=8, help="sequences decoded together")
     p.add_argument(
         "--max-model-len",
@@ -108,6 +119,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-body-mb", type=_positive_number, default=64.0, help="request body limit (413)"
     )
     p.add_argument("--encoder-cache-items", type=_count, default=64, help="vision features kept")
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=_non_negative_number,
+        default=1024.0,
+        help="keys/values of prompt prefixes kept across requests, in MiB (0: none)",
+    )
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
     p.set_defaults(run=run)
@@ -146,6 +163,16 @@ def _positive_number(text: str) -> float:
     return value
 
 
+def _non_negative_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _limits(text: str) -> dict[str, int]:
     try:
         pairs = (
@@ -163,33 +190,71 @@ def _limits(text: str) -> dict[str, int]:
 
 
 def build_app(args: argparse.Namespace):
-    """Check every value, then load the model; the FastAPI app (the engine starts with it)."""
+    """Check every value, then load the model; the FastAPI app (the engine starts with it).
+    Under tensor parallelism, rank 0's: its engine leads the other ranks."""
+    from qwen2vl.processor import load_processor
+    from qwen2vl.serve.app import create_app
+    from qwen2vl.serve.engine import Engine
+    from qwen2vl.serve.prepare import generation_config
+    from qwen2vl.serve.runner import Leader
+
+    path, max_len, engine_config, load = _checked(args)
+    defaults, eos = generation_config(path)
+    config = _server_config(args, path, max_len, defaults)
+    processor = load_processor(path, access=media_access(args), max_model_len=max_len)
+    model = load()
+    leader = Leader() if args.tensor_parallel_size > 1 else None
+    runner = engine_config.runner(model, leader)
+    engine = Engine(model, processor, engine_config, stop_token_ids=eos, runner=runner)
+    return create_app(engine, config)
+
+
+def _checked(args: argparse.Namespace):
+    """Every value checked before any weight is read: (checkpoint, model length, engine
+    config, a function that loads this process's model)."""
     from qwen2vl.config import Qwen2VLConfig
     from qwen2vl.default_model import model_or_default
     from qwen2vl.generation.load import load_for_inference
-    from qwen2vl.processor import load_processor
-    from qwen2vl.serve.app import create_app
-    from qwen2vl.serve.engine import Engine, EngineConfig
-    from qwen2vl.serve.prepare import generation_config
+    from qwen2vl.serve.engine import EngineConfig
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device, cpu=torch.bfloat16)
     path = model_or_default(args.model)
-    defaults, eos = generation_config(path)
     native = Qwen2VLConfig.from_file(path / "config.json").text.max_position_embeddings
     max_len = args.max_model_len or min(native, DEFAULT_MAX_MODEL_LEN)
-    engine_config = EngineConfig(  # checks its values: before the weights, not after
+    engine_config = EngineConfig(
         max_num_seqs=args.max_num_seqs,
         max_model_len=max_len,
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
         encoder_cache_items=args.encoder_cache_items,
+        prefix_cache_mb=args.prefix_cache_mb,
     )
-    config = _server_config(args, path, max_len, defaults)
-    processor = load_processor(path, access=media_access(args), max_model_len=max_len)
-    model = load_for_inference(path, dtype, device, quantize=args.quantize)
-    engine = Engine(model, processor, engine_config, stop_token_ids=eos)
-    return create_app(engine, config)
+    tp = args.tensor_parallel_size
+
+    def load():
+        return load_for_inference(
+            path, dtype, device, quantize=args.quantize, tensor_parallel_size=tp
+        )
+
+    return path, max_len, engine_config, load
+
+
+def follow_leader(args: argparse.Namespace) -> int:
+    """A tensor-parallel rank other than 0: load this rank's shard, then replay rank 0's
+    model calls until rank 0 stops (0) or is lost (1)."""
+    from qwen2vl.serve.runner import RankLost, follow
+
+    _, _, engine_config, load = _checked(args)
+    runner = engine_config.runner(load())
+    try:
+        follow(runner)
+    except RankLost as e:
+        logging.getLogger(__name__).error("%s (%s); this rank stops", e, e.__cause__)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank torchrun started
+        return 0
+    return 0
 
 
 def _server_config(args: argparse.Namespace, path: Path, max_len: int, defaults: dict):
@@ -248,6 +313,15 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.tensor_parallel_size > 1 and os.environ.get("RANK", "0") != "0":
+        return follow_leader(args)
     app = build_app(args)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    )
+    app.state.engine.on_lost = lambda: setattr(server, "should_exit", True)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it held after a clean shutdown
+        pass
+    return 1 if app.state.engine.lost else 0

@@ -14,6 +14,10 @@ Each scheduler iteration (``step``) does, in order:
    cannot pick (non-finite logits, a failing pick) ends alone with "error".
 So new requests delay the running streams by at most one chunk of prefill per token.
 
+The model and its KV caches sit behind a ``Runner`` (runner.py), which mirrors every call to the
+other ranks under tensor parallelism; a prompt whose leading blocks were prefilled before (same
+tokens, same media) starts from the runner's prefix cache (prefix_cache.py).
+
 Decode positions follow generation/generate.py: the n-th real token of a sequence sits at
 M-RoPE position n + rope_delta; a generated placeholder token is embedded as plain text.
 """
@@ -30,18 +34,22 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen2vl.generation.kv_cache import KVCache
 from qwen2vl.model.qwen2vl import Qwen2VL
 from qwen2vl.processor import Processor, position_inputs
 from qwen2vl.serve.metrics import Metrics
+from qwen2vl.serve.prefix_cache import block_hashes, visual_starts
+from qwen2vl.serve.runner import HEARTBEAT_S, Leader, RankLost, Runner
 from qwen2vl.serve.sequence import Event, NonFiniteLogits, Request, Sequence, TokenLogprob
-from qwen2vl.serve.slots import SlotCache
 
 logger = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
     """The waiting queue is at its bound; the client should retry later."""
+
+
+class Unavailable(Exception):
+    """The engine cannot run the model any more (a tensor-parallel rank was lost)."""
 
 
 @dataclass
@@ -52,11 +60,25 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per prefill forward
     encoder_cache_items: int = 64  # vision features kept (LRU)
     kv_slack: int | None = None  # extra slot columns; None = max_model_len // 2 (see slots.py)
+    prefix_cache_mb: float = 1024.0  # keys/values of prompt prefixes kept; 0 = no prefix cache
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "max_queue", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.prefix_cache_mb < float("inf"):
+            raise ValueError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
+
+    def runner(self, model: Qwen2VL, leader: Leader | None = None) -> Runner:
+        """The model side these settings size (the same on every tensor-parallel rank)."""
+        slack = self.max_model_len // 2 if self.kv_slack is None else self.kv_slack
+        return Runner(
+            model,
+            slots=self.max_num_seqs,
+            capacity=self.max_model_len + max(slack, 1),
+            prefix_cache_bytes=int(self.prefix_cache_mb * 2**20),
+            leader=leader,
+        )
 
 
 def visual_key(pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> str:
@@ -70,11 +92,9 @@ class _Prefill:
     def __init__(self, seq: Sequence):
         self.seq = seq
         self.feats: list[torch.Tensor] = []
-        self.cache: KVCache | None = None
-        self.positions: torch.Tensor | None = None  # [3, 1, P] M-RoPE positions
-        self.delta: torch.Tensor | None = None  # [1] rope delta
-        self.embeds: torch.Tensor | None = None  # [1, P, E] with the visual features in
-        self.done = 0  # prompt tokens prefilled
+        self.started = False  # the runner holds its positions, embeddings and cache
+        self.delta = 0  # rope delta
+        self.done = 0  # prompt tokens prefilled (or reused from the prefix cache)
         self.logits: torch.Tensor | None = None  # [V] after the last chunk
 
     @property
@@ -91,24 +111,19 @@ class Engine:
         *,
         stop_token_ids: list[int] | None = None,
         metrics: Metrics | None = None,
+        runner: Runner | None = None,
     ):
+        """``runner``: the model side, when it is not ``config.runner(model)`` (a leader's)."""
         self.model, self.processor = model, processor
         self.config = config = config or EngineConfig()
         self.metrics = metrics or Metrics()
         tok = processor.tokenizer
         self.stop_token_ids = sorted(set(stop_token_ids or []) | set(tok.stop_ids))
-        weight = model.model.embed_tokens.weight
-        self.device, self.dtype = weight.device, weight.dtype
-        slack = config.max_model_len // 2 if config.kv_slack is None else config.kv_slack
-        self.cache = SlotCache(
-            model.cfg.text,
-            config.max_num_seqs,
-            config.max_model_len + max(slack, 1),
-            dtype=self.dtype,
-            device=self.device,
-        )
+        self.pad_ids = {tok.image_pad_id, tok.video_pad_id}
+        self.runner = runner or config.runner(model)
         self.vocab = model.cfg.text.vocab_size
-        self.next_logits = torch.zeros(config.max_num_seqs, self.vocab, device=self.device)
+        device = model.model.embed_tokens.weight.device
+        self.next_logits = torch.zeros(config.max_num_seqs, self.vocab, device=device)
         self.rows: list[Sequence] = []  # rows[i] runs in slot row i
         self.prefill: _Prefill | None = None
         self.waiting: deque[Sequence] = deque()
@@ -116,11 +131,20 @@ class Engine:
         self.cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.lost: str | None = None  # why the model cannot run any more
+        self.on_lost: Callable[[], None] | None = None  # called once, on the engine thread
+
+    @property
+    def cache(self):
+        """The running sequences' KV slots (SlotCache)."""
+        return self.runner.cache
 
     # ---- the thread-safe surface -------------------------------------------------------------
 
     def submit(self, request: Request, on_event: Callable[[Event], None]) -> Sequence:
         """Queue a request; events arrive through on_event (called on the engine thread)."""
+        if self.lost:
+            raise Unavailable(self.lost)
         need = len(request.ids) + request.params.max_new_tokens
         if need > self.config.max_model_len:
             raise ValueError(
@@ -175,19 +199,41 @@ class Engine:
             self._thread = None
         for seq in [*self.rows, *self.waiting] + ([self.prefill.seq] if self.prefill else []):
             seq.finish("cancelled", "server shutting down")
+        if self.runner.leader is not None and not self.lost:
+            self.runner.leader.stop()
 
     def _loop(self) -> None:
+        heartbeat = HEARTBEAT_S if self.runner.leader is not None else None
         while True:
             with self.cond:
+                idle = False
                 while not (self._stopping or self.waiting or self.rows or self.prefill):
-                    self.cond.wait()
+                    if not self.cond.wait(heartbeat):
+                        idle = True
+                        break
                 if self._stopping:
                     return
             try:
-                self.step()
+                self.runner.ping() if idle else self.step()
+            except RankLost as e:
+                logger.error("%s (%s); the server stops", e, e.__cause__)
+                self._lose(f"{e}; the server is stopping")
+                return
             except Exception:  # never let one bad step kill the server
                 logger.exception("engine step failed; failing the sequences in flight")
                 self._fail_all("internal error in the engine")
+
+    def _lose(self, message: str) -> None:
+        """The model is gone: every request in flight or waiting ends with a 503."""
+        self.lost = message
+        with self.cond:
+            waiting, self.waiting = list(self.waiting), deque()
+        gone = [*self.rows, *waiting] + ([self.prefill.seq] if self.prefill else [])
+        self.rows, self.prefill = [], None
+        for seq in gone:
+            self._end(seq, "cancelled", message)
+        if self.on_lost is not None:
+            self.on_lost()
 
     # ---- one scheduler iteration -------------------------------------------------------------
 
@@ -215,8 +261,13 @@ class Engine:
             self._end(seq, *_why_dropped(seq))
         p = self.prefill
         if p is not None and (p.seq.cancelled or p.seq.expired(now)):
-            self.prefill = None
+            self._drop_prefill()
             self._end(p.seq, *_why_dropped(p.seq))
+
+    def _drop_prefill(self) -> None:
+        if self.prefill.started:
+            self.runner.drop_prompt()
+        self.prefill = None
 
     def _end(self, seq: Sequence, reason: str, message: str = "") -> None:
         seq.finish(reason, message)
@@ -227,7 +278,8 @@ class Engine:
             self._release(seq)
             self._end(seq, "error", message)
         if self.prefill is not None:
-            seq, self.prefill = self.prefill.seq, None
+            seq = self.prefill.seq
+            self._drop_prefill()
             self._end(seq, "error", message)
 
     # ---- prefill -----------------------------------------------------------------------------
@@ -245,9 +297,11 @@ class Engine:
             p = self.prefill
             try:
                 budget -= self._advance(p, budget)
+            except RankLost:
+                raise
             except Exception as e:  # a bad request must not take the others down
                 logger.exception("prefill failed for request %d", p.seq.id)
-                self.prefill = None
+                self._drop_prefill()
                 self._end(p.seq, "error", f"prefill failed: {e}")
                 return
             if p.complete:
@@ -263,34 +317,43 @@ class Engine:
             key = req.visual_keys[i] if i < len(req.visual_keys) else None
             p.feats.append(self._encode(req.visuals[i], key))
             return self.config.prefill_chunk
-        ids = torch.tensor([req.ids], device=self.device)  # [1, P]
-        if p.cache is None:
-            self._start_prompt(p, ids)
+        if not p.started:
+            self._start_prompt(p)
         a, b = p.done, min(p.done + budget, len(req.ids))
-        out = self.model(
-            ids[:, a:b],
-            position_ids=p.positions[:, :, a:b],
-            kv_cache=p.cache,
-            inputs_embeds=p.embeds[:, a:b],
-            logits_to_keep=1,
-        )
-        p.cache.commit(b - a)
+        p.logits = self.runner.prefill(a, b)
         p.done = b
-        p.logits = out.logits[0, -1].float()
         self.metrics.prompt_tokens(b - a)
         return b - a
 
-    def _start_prompt(self, p: _Prefill, ids: torch.Tensor) -> None:
-        """Positions, embeddings (visual features scattered in) and a private cache."""
-        visuals = p.seq.request.visuals
-        cfg = self.model.cfg.text
-        p.cache = KVCache(cfg, 1, ids.shape[1], dtype=self.dtype, device=self.device)
+    def _start_prompt(self, p: _Prefill) -> None:
+        """Hand the prompt and its visual features to the runner, which reuses what it can
+        of its prefix cache."""
+        req = p.seq.request
         feats = {}
         for kind in ("image", "video"):
-            mine = [f for f, v in zip(p.feats, visuals, strict=True) if v.kind == kind]
+            mine = [f for f, v in zip(p.feats, req.visuals, strict=True) if v.kind == kind]
             feats[kind] = torch.cat(mine) if mine else None
-        p.positions, p.delta = self.model.positions(ids, None, **position_inputs(visuals))
-        p.embeds = self.model.embed(ids, feats["image"], feats["video"])  # [1, P, E]
+        hashes = []
+        if self.runner.prefix is not None:
+            keys = [self._key(req, i) for i in range(len(req.visuals))]
+            starts = visual_starts(req.ids, self.pad_ids)
+            hashes = block_hashes(req.ids, list(zip(starts, keys, strict=True)))
+        p.delta, reused = self.runner.start_prompt(
+            req.ids, feats["image"], feats["video"], position_inputs(req.visuals), hashes
+        )
+        p.started, p.done = True, reused
+        p.seq.cached_tokens = reused
+        if self.runner.prefix is not None:
+            self.metrics.prefix_cache(len(req.ids), reused)
+
+    @staticmethod
+    def _key(req: Request, i: int) -> str:
+        v = req.visuals[i]
+        return (
+            req.visual_keys[i]
+            if i < len(req.visual_keys)
+            else visual_key(v.pixel_values, v.grid_thw)
+        )
 
     def _encode(self, visual, key: str | None) -> torch.Tensor:
         key = key or visual_key(visual.pixel_values, visual.grid_thw)
@@ -298,8 +361,7 @@ class Engine:
             self.encoder_cache.move_to_end(key)
             self.metrics.encoder_cache(hit=True)
             return self.encoder_cache[key]
-        pixels = visual.pixel_values.to(self.device)
-        feats = self.model.encode_visual(pixels, torch.tensor([visual.grid_thw]))
+        feats = self.runner.encode(visual.pixel_values, visual.grid_thw)
         self.encoder_cache[key] = feats
         while len(self.encoder_cache) > self.config.encoder_cache_items:
             self.encoder_cache.popitem(last=False)
@@ -308,16 +370,16 @@ class Engine:
 
     def _admit(self, p: _Prefill) -> None:
         seq, P = p.seq, p.done
-        row = self.cache.add(p.cache.k[:, 0, :, :P], p.cache.v[:, 0, :, :P])
+        row = self.runner.admit()
         seq.row = row
-        seq.next_pos = P + int(p.delta[0])
+        seq.next_pos = P + p.delta
         self.next_logits[row] = p.logits
         self.rows.append(seq)
         assert len(self.rows) == self.cache.n and self.rows[row] is seq
 
     def _release(self, seq: Sequence) -> None:
         row = seq.row
-        moved = self.cache.remove(row)
+        moved = self.runner.release(row)
         if moved is not None:
             self.rows[row] = self.rows[moved]
             self.rows[row].row = row
@@ -346,7 +408,7 @@ class Engine:
                 ended.append((seq, reason))
         self.metrics.generated(n - len(failed))
         for seq, message in failed:
-            self._scrub(seq)
+            self.runner.scrub(seq.row)
             self._release(seq)
             self._end(seq, "error", message)
         for seq, reason in ended:
@@ -369,26 +431,10 @@ class Engine:
             self.metrics.first_token(seq.first_token_at - seq.submitted)
         return reason
 
-    def _scrub(self, seq: Sequence) -> None:
-        """Zero a failed row's keys/values: NaN there would outlive it, since masked columns
-        still multiply their values (0 * NaN = NaN) and _release copies over only the columns
-        the row moved into it owns."""
-        self.cache.k[:, seq.row].zero_()
-        self.cache.v[:, seq.row].zero_()
-
     def _feed(self) -> None:
         n = len(self.rows)
-        tokens = torch.tensor([[s.last_token] for s in self.rows], device=self.device)  # [n, 1]
-        pos = torch.tensor([s.next_pos for s in self.rows], device=self.device)
-        mask = self.cache.begin_step()  # [n, S]
-        # Embedded directly: a generated placeholder token is plain text, not a visual slot.
-        x = self.model.model.embed_tokens(tokens)
-        out = self.model(
-            tokens, mask, position_ids=pos.view(1, n, 1).expand(3, n, 1), kv_cache=self.cache,
-            inputs_embeds=x,
-        )  # fmt: skip
-        self.cache.end_step()
-        self.next_logits[:n] = out.logits[:, -1].float()
+        tokens = [s.last_token for s in self.rows]
+        self.next_logits[:n] = self.runner.decode(tokens, [s.next_pos for s in self.rows])
         for seq in self.rows:
             seq.next_pos += 1
 

@@ -45,6 +45,8 @@ class Metrics:
         self.requests: Counter[str] = Counter()
         self.encoder_hits = 0
         self.encoder_misses = 0
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps
         self._lock = threading.Lock()
@@ -70,6 +72,11 @@ class Metrics:
             self.encoder_hits += 1
         else:
             self.encoder_misses += 1
+
+    def prefix_cache(self, queried: int, hit: int) -> None:
+        """A prompt of ``queried`` tokens of which ``hit`` were reused from the prefix cache."""
+        self.prefix_queried_tokens += queried
+        self.prefix_hit_tokens += hit
 
     # ---- read by the HTTP side ---------------------------------------------------------------
 
@@ -140,6 +147,27 @@ class Metrics:
                 f'{p}encoder_cache_lookups_total{{result="hit"}} {self.encoder_hits}',
                 f'{p}encoder_cache_lookups_total{{result="miss"}} {self.encoder_misses}',
             ],
+        )
+        metric(
+            f"{p}prefix_cache_queries_total",
+            "counter",
+            "Prompt tokens looked up in the prefix cache.",
+            [f"{p}prefix_cache_queries_total {self.prefix_queried_tokens}"],
+        )
+        metric(
+            f"{p}prefix_cache_hits_total",
+            "counter",
+            "Prompt tokens whose keys/values came from the prefix cache.",
+            [f"{p}prefix_cache_hits_total {self.prefix_hit_tokens}"],
+        )
+        rate = (
+            self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0
+        )
+        metric(
+            f"{p}prefix_cache_hit_rate",
+            "gauge",
+            "Share of looked-up prompt tokens found in the prefix cache, since start.",
+            [f"{p}prefix_cache_hit_rate {rate:.4f}"],
         )
         metric(f"{p}time_to_first_token_seconds", "histogram",
                "Seconds from submission to the first generated token.",

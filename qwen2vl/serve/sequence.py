@@ -93,6 +93,7 @@ class Sequence:
         self.row: int | None = None  # slot row while running
         self.next_pos = 0  # M-RoPE position of the next token fed (n_real + rope delta)
         self.generated = 0
+        self.cached_tokens = 0  # prompt tokens reused from the prefix cache
         self.last_token = 0
         self.rng = None
         if self.params.seed is not None:

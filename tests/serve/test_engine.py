@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_steps import Collected, engine_for, run_until_done, submit
 
 from qwen2vl.generation.pipeline import Pipeline
 from qwen2vl.generation.sampling import SamplingParams
-from qwen2vl.serve.engine import Engine, EngineConfig, QueueFull
-from qwen2vl.serve.sequence import Delta, Finish, Request
+from qwen2vl.serve.engine import QueueFull
+from qwen2vl.serve.sequence import Request
 
 
 @pytest.fixture(scope="module")
@@ -23,45 +24,6 @@ def image(tmp_path_factory, helpers):
     path = tmp_path_factory.mktemp("engine") / "p.png"
     helpers.picture(3).save(path)
     return str(path)
-
-
-def engine_for(pipe, **config) -> Engine:
-    return Engine(pipe.model, pipe.processor, EngineConfig(**config))
-
-
-class Collected:
-    def __init__(self):
-        self.events = []
-
-    def __call__(self, event):
-        self.events.append(event)
-
-    @property
-    def tokens(self):
-        return [t for e in self.events if isinstance(e, Delta) for t in e.tokens]
-
-    @property
-    def text(self):
-        return "".join(e.text for e in self.events if isinstance(e, Delta))
-
-    @property
-    def finish(self):
-        return self.events[-1] if self.events and isinstance(self.events[-1], Finish) else None
-
-
-def submit(engine, pipe, messages, **sampling) -> Collected:
-    enc = pipe.processor.encode(messages, add_generation_prompt=True)
-    out = Collected()
-    engine.submit(Request(enc.ids, enc.visuals, params=SamplingParams(**sampling)), out)
-    return out
-
-
-def run_until_done(engine, outs, max_steps=5000):
-    for _ in range(max_steps):
-        if all(o.finish for o in outs):
-            return
-        engine.step()
-    raise AssertionError("the engine did not finish")
 
 
 def reference(pipe, messages, **sampling):
