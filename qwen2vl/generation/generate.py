@@ -6,6 +6,9 @@ Positions: prefill returns each row's ``rope_delta``; the n-th real token of a r
 0, padding not counted) sits at M-RoPE position n + delta on all three axes, so every decode step
 feeds position ``n_real + delta``. Finished rows keep being fed (their tokens are discarded), which
 keeps the batch rectangular and the decode step free of per-row Python branches.
+
+``static`` (default: on CUDA) decodes through ``StaticDecoder``: the same step at fixed shapes
+over the same cache, captured once as a CUDA graph (launch-bound small models gain most).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen2vl.errors import Qwen2VLError
 from qwen2vl.generation.kv_cache import KVCache
 from qwen2vl.generation.sampling import SamplingParams, sample
+from qwen2vl.generation.static_decode import StaticDecoder
 from qwen2vl.model.qwen2vl import Qwen2VL
 
 VISUAL_KEYS = (
@@ -54,6 +59,7 @@ class Generator:
         attention_mask: torch.Tensor | None = None,
         prompt_ids: torch.Tensor | None = None,
         pad_token_id: int = 0,
+        static: bool | None = None,
     ):
         self.model, self.params, self.cache = model, params, cache
         self.logits, self.rope_deltas, self.n_real = logits, rope_deltas, n_real  # [B,V], [B], [B]
@@ -80,6 +86,12 @@ class Generator:
                 self.seen.scatter_(1, prompt_ids.masked_fill(~real, 0), real)
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)
         self.n_new = 0
+        if static is None:  # not under tensor parallelism: its all_reduce stays out of graphs
+            dist = torch.distributed
+            static = device.type == "cuda" and not (dist.is_available() and dist.is_initialized())
+        self.decoder = StaticDecoder(model, cache) if static else None
+        if self.decoder is not None:
+            self.decoder.set_valid(self.mask)
 
     @classmethod
     def start(
@@ -90,6 +102,7 @@ class Generator:
         *,
         stop_token_ids: list[int],
         pad_token_id: int = 0,
+        static: bool | None = None,
     ) -> Generator:
         """Prefill a processor batch (left-padded rows, media) into a fresh cache."""
         ids = batch["input_ids"]
@@ -115,6 +128,7 @@ class Generator:
             attention_mask=mask,
             prompt_ids=ids,
             pad_token_id=pad_token_id,
+            static=static,
         )
 
     def __iter__(self) -> Iterator[Step]:
@@ -152,6 +166,9 @@ class Generator:
         pos = (self.n_real + self.rope_deltas).view(1, B, 1).expand(3, B, 1)
         mask = None if self.mask is None else self.mask[:, : L + 1]
         ids = tokens[:, None]
+        if self.decoder is not None:
+            self._feed_static(ids, pos)
+            return
         with torch.inference_mode():
             # Embedded directly: a generated placeholder token (e.g. <|image_pad|>) is plain text
             # here, not a slot waiting for vision features.
@@ -161,12 +178,28 @@ class Generator:
         self.n_real = self.n_real + 1
         self.logits = out.logits[:, -1]
 
+    def _feed_static(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        L = self.cache.length
+        if L >= self.cache.capacity:  # checked here: out of range inside a graph is a device fault
+            raise Qwen2VLError(
+                f"KV cache full: {L + 1} tokens needed, capacity {self.cache.capacity}"
+            )
+        lengths = torch.full((ids.shape[0],), L, dtype=torch.long, device=ids.device)
+        self.logits = self.decoder(ids, pos, lengths)
+        self.cache.commit(1)
+        self.n_real = self.n_real + 1
+
 
 def generate(
-    model: Qwen2VL, batch: dict, params: SamplingParams, *, stop_token_ids: list[int]
+    model: Qwen2VL,
+    batch: dict,
+    params: SamplingParams,
+    *,
+    stop_token_ids: list[int],
+    static: bool | None = None,
 ) -> list[list[int]]:
     """New token ids of every row, each ending at (and including) its stop token if one came."""
-    gen = Generator.start(model, batch, params, stop_token_ids=stop_token_ids)
+    gen = Generator.start(model, batch, params, stop_token_ids=stop_token_ids, static=static)
     rows: list[list[int]] = [[] for _ in range(batch["input_ids"].shape[0])]
     for step in gen:
         for b in step.active.nonzero().flatten().tolist():
