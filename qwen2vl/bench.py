@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory (default: random weights of --preset)")
     p.add_argument("--preset", default="2B", choices=sorted(PRESETS))
     p.add_argument("--layers", type=int, default=None, help="LLM layers of the random model")
-    p.add_argument("--new-tokens", type=_at_least_two, default=32)
+    p.add_argument("--new-tokens", type=_at_least_three, default=32)
     p.add_argument(
         "--image-size", type=int, default=448, help="square image side (448 -> 256 tokens)"
     )
@@ -81,10 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-def _at_least_two(text: str) -> int:
+def _at_least_three(text: str) -> int:
     n = int(text)
-    if n < 2:  # the first token ends the prefill; decode is timed from the second
-        raise argparse.ArgumentTypeError(f"need at least 2 new tokens to time decode, got {n}")
+    if n < 3:  # the first token ends the prefill and feeds itself; decode is timed after that
+        raise argparse.ArgumentTypeError(f"need at least 3 new tokens to time decode, got {n}")
     return n
 
 
@@ -190,7 +190,7 @@ def random_checkpoint(name: str, out: Path, layers: int | None = None) -> Path:
     torch.manual_seed(0)
     with torch.device("meta"):
         model = qwen2vl.Qwen2VL(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model = model.to(torch.bfloat16).to_empty(device="cpu")  # never float32: half the memory
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
@@ -291,9 +291,9 @@ def measure_qwen2vl(
         return gen
 
     ttft = median_time(first_token, first_token_runs(device, repeats))
-    gen = first_token()
-    seconds, _ = timed(lambda: list(gen))
-    decode = decode_rate(gen.n_new - 1, new_tokens - 1, seconds)
+    gen = first_token()  # its step fed the first token: a forward of the decode
+    seconds, _ = timed(lambda: list(gen))  # the other forwards: the last token is not fed
+    decode = decode_rate(gen.n_new - 2, new_tokens - 2, seconds)
     return Row(load, vision, ttft, decode, peak_mem(), READ_SCALE[quantize])
 
 

@@ -43,7 +43,7 @@ def test_a_near_zero_decode_time_gets_no_rate():
         bench.decode_rate(31, 31, -0.2)  # an n-token run timed faster than a 1-token one
 
 
-def test_decode_needs_at_least_two_new_tokens(capsys):
+def test_decode_needs_at_least_three_new_tokens(capsys):
     with pytest.raises(SystemExit):
-        main(["bench", "--new-tokens", "1"])
-    assert "at least 2 new tokens" in capsys.readouterr().err
+        main(["bench", "--new-tokens", "2"])
+    assert "at least 3 new tokens" in capsys.readouterr().err
