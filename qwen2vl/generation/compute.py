@@ -73,24 +73,31 @@ def many_rows(x: torch.Tensor) -> bool:
 
 @functools.cache
 def half_matmul_is_slow(dtype: torch.dtype) -> bool:
-    """Whether a (MIN_ROWS*2)-row matmul in ``dtype`` is slower here than widening to float32.
+    """Whether a 256 x 1024 x 1024 matmul in ``dtype`` is slower here than widening to float32.
 
-    Measured once per process on a 128 x 512 x 512 product (under 0.1 s on the slow kind)."""
-    x = torch.randn(2 * MIN_ROWS, 512).to(dtype)
-    w = torch.randn(512, 512).to(dtype)
+    Measured once per process, the two ways interleaved, best of three each (0.2 to 1 s on a
+    2-core AVX2 machine). The product is big enough that arithmetic, not thread wake-ups, sets
+    the times: a 128 x 512 x 512 one on a loaded 2-core machine timed the scheduler, and the
+    widened way (four ops to the native one) lost there while 5x faster on the ViT's matmuls."""
+    x = torch.randn(4 * MIN_ROWS, 1024).to(dtype)
+    w = torch.randn(1024, 1024).to(dtype)
+    native, wide = _best_times(
+        lambda: F.linear(x, w), lambda: F.linear(x.float(), widened(w)).to(dtype)
+    )
+    return native > wide
 
-    def best(fn) -> float:
+
+def _best_times(*fns, rounds: int = 3) -> list[float]:
+    """The shortest of ``rounds`` timed calls of each fn, called in turn after one warm-up each."""
+    times = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times = []
-        for _ in range(3):
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times, strict=True):
             t = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    native = best(lambda: F.linear(x, w))
-    wide = best(lambda: F.linear(x.float(), widened(w)).to(dtype))
-    return native > wide
+            ts.append(time.perf_counter() - t)
+    return [min(ts) for ts in times]
 
 
 @functools.cache

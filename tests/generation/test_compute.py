@@ -47,6 +47,13 @@ def test_half_matmul_speed_is_measured_once_per_dtype():
     assert compute.half_matmul_is_slow.cache_info().hits == 1
 
 
+def test_speed_probe_times_both_ways_in_turn_after_a_warm_up_each():
+    calls = []
+    times = compute._best_times(lambda: calls.append("a"), lambda: calls.append("b"), rounds=3)
+    assert calls == ["a", "b"] * 4
+    assert len(times) == 2 and all(t >= 0 for t in times)
+
+
 def test_kernel_choice_is_made_once_and_logged(caplog, monkeypatch):
     monkeypatch.setattr(gemv, "available", lambda: pytest.fail("float32 weights need no kernel"))
     compute.choose_kernels.cache_clear()
