@@ -316,6 +316,45 @@ static inline void int4_tile(const uint8_t* p, const float* comb, const Int8Rows
 #endif
 }
 
+#if defined(__AVX2__)
+// Decode (one activation row): R weight rows at once, so each group's activation bytes are loaded
+// once for all of them and R independent sums hide the latency of each row's chain.
+template <int R, int CH>
+static inline void int4_rows(const uint8_t* p, int64_t row_bytes, const float* comb,
+                             const int8_t* xq, int64_t K, float* out) {
+  constexpr int64_t G = 64 * CH;
+  const int64_t groups = K / G;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; g++) {
+    __m256i sum[R];
+    for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+    for (int c = 0; c < CH; c++) {
+      const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xq + g * G + c * 64));
+      const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xq + g * G + c * 64 + 32));
+      for (int r = 0; r < R; r++) {
+        const __m256i b = _mm256_loadu_si256((const __m256i*)(p + r * row_bytes + (g * CH + c) * 32));
+        const __m256i lo = _mm256_and_si256(b, low);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+        sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(lo, x0));
+        sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(hi, x1));
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[r], ones));
+      acc[r] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(comb + r * groups + g), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    out[r] = _mm_cvtss_f32(h);
+  }
+}
+#endif
+
 template <int CH, typename O>
 static void gemv_int4_typed(const Int8Rows& x, const uint8_t* p, const uint16_t* sc,
                             const uint16_t* mn, const float* bias, O* out, int64_t M, int64_t N,
@@ -324,6 +363,27 @@ static void gemv_int4_typed(const Int8Rows& x, const uint8_t* p, const uint16_t*
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> scale(groups), zero(groups), comb(4 * groups);
     float t[4];
+#if defined(__AVX2__)
+    if (M == 1) {  // decode: four weight rows a tile; the rows left go the general way below
+      constexpr int R = 4;
+      for (; begin + R <= end; begin += R) {
+        float corr[R] = {};
+        for (int r = 0; r < R; r++) {
+          halves_to_floats(sc + (begin + r) * groups, groups, scale.data());
+          halves_to_floats(mn + (begin + r) * groups, groups, zero.data());
+          for (int64_t g = 0; g < groups; g++) {
+            comb[r * groups + g] = scale[g] * x.scale[g];
+            corr[r] += zero[g] * x.zero[g];
+          }
+        }
+        int4_rows<R, CH>(p + begin * K / 2, K / 2, comb.data(), x.q.data(), K, t);
+        for (int r = 0; r < R; r++) {
+          const float v = t[r] + corr[r];
+          out[begin + r] = O(bias ? v + bias[begin + r] : v);
+        }
+      }
+    }
+#endif
     for (int64_t n = begin; n < end; n++) {
       halves_to_floats(sc + n * groups, groups, scale.data());
       halves_to_floats(mn + n * groups, groups, zero.data());
