@@ -92,6 +92,7 @@ class _Prefill:
     def __init__(self, seq: Sequence):
         self.seq = seq
         self.feats: list[torch.Tensor] = []
+        self.keys: list[str] = []  # each visual item's content key (encoder and prefix caches)
         self.started = False  # the runner holds its positions, embeddings and cache
         self.delta = 0  # rope delta
         self.done = 0  # prompt tokens prefilled (or reused from the prefix cache)
@@ -314,8 +315,10 @@ class Engine:
         req = p.seq.request
         if len(p.feats) < len(req.visuals):
             i = len(p.feats)
+            v = req.visuals[i]
             key = req.visual_keys[i] if i < len(req.visual_keys) else None
-            p.feats.append(self._encode(req.visuals[i], key))
+            p.keys.append(key or visual_key(v.pixel_values, v.grid_thw))
+            p.feats.append(self._encode(v, p.keys[-1]))
             return self.config.prefill_chunk
         if not p.started:
             self._start_prompt(p)
@@ -335,9 +338,9 @@ class Engine:
             feats[kind] = torch.cat(mine) if mine else None
         hashes = []
         if self.runner.prefix is not None:
-            keys = [self._key(req, i) for i in range(len(req.visuals))]
             starts = visual_starts(req.ids, self.pad_ids)
-            hashes = block_hashes(req.ids, list(zip(starts, keys, strict=True)))
+            if len(starts) == len(p.keys):  # else the model refuses the prompt: nothing to keep
+                hashes = block_hashes(req.ids, list(zip(starts, p.keys, strict=True)))
         p.delta, reused = self.runner.start_prompt(
             req.ids, feats["image"], feats["video"], position_inputs(req.visuals), hashes
         )
@@ -346,17 +349,7 @@ class Engine:
         if self.runner.prefix is not None:
             self.metrics.prefix_cache(len(req.ids), reused)
 
-    @staticmethod
-    def _key(req: Request, i: int) -> str:
-        v = req.visuals[i]
-        return (
-            req.visual_keys[i]
-            if i < len(req.visual_keys)
-            else visual_key(v.pixel_values, v.grid_thw)
-        )
-
-    def _encode(self, visual, key: str | None) -> torch.Tensor:
-        key = key or visual_key(visual.pixel_values, visual.grid_thw)
+    def _encode(self, visual, key: str) -> torch.Tensor:
         if key in self.encoder_cache:
             self.encoder_cache.move_to_end(key)
             self.metrics.encoder_cache(hit=True)
