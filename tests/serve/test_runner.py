@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import tensor_parallel_worker as worker
@@ -116,7 +115,7 @@ SERVE = ["-m", "qwen2vl", "serve", "--dtype=float32", "--max-model-len=1024",
          "--log-level=warning", "--tensor-parallel-size=2"]  # fmt: skip
 
 
-def start(cmd: list[str], port: int, env: dict | None = None, cwd=None) -> subprocess.Popen:
+def start(cmd: list[str], env: dict | None = None, cwd=None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -146,7 +145,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
-def questions(helpers, media_dir: Path) -> list[dict]:
+def questions(helpers) -> list[dict]:
     image = helpers.data_uri(helpers.picture(4))
     system = {"role": "system", "content": "You answer briefly and carefully, every time."}
     return [
@@ -170,23 +169,23 @@ def answers(client, model: str, asks: list[dict]) -> list:
 
 
 def test_the_server_under_tp_2_answers_the_openai_client_as_tp_1(
-    real, start_server, helpers, media_dir, free_port, tmp_path
+    real, start_server, helpers, free_port, tmp_path
 ):
     port = free_port()
     run = start([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  "--nproc-per-node=2", *SERVE, f"--model={real}", f"--port={port}"],
-                port, cwd=tmp_path)  # fmt: skip
+                cwd=tmp_path)  # fmt: skip
     try:
         wait_ready(f"http://127.0.0.1:{port}", [run])
         import openai
 
         two_client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
                                    max_retries=0, timeout=120)  # fmt: skip
-        two = answers(two_client, "real", questions(helpers, media_dir))
+        two = answers(two_client, "real", questions(helpers))
     finally:
         stop([run])
     with start_server(real) as one_server:
-        one = answers(one_server.client(), "real", questions(helpers, media_dir))
+        one = answers(one_server.client(), "real", questions(helpers))
     assert [a[0] for a in two[:4]] == [a[0] for a in one[:4]] and two[4] == one[4]
     assert all(text for texts, _ in two[:4] for text in texts)
     cached = [a[1].prompt_tokens_details.cached_tokens for a in (one[3], two[3])]
@@ -201,7 +200,7 @@ def test_a_lost_rank_makes_the_server_answer_503_and_exit(real, free_port, tmp_p
     port, master = free_port(), free_port()
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master), WORLD_SIZE="2")
     procs = [
-        start([sys.executable, *SERVE, f"--model={real}", f"--port={port}"], port,
+        start([sys.executable, *SERVE, f"--model={real}", f"--port={port}"],
               dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=tmp_path)
         for r in (0, 1)
     ]  # fmt: skip
