@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qwen2vl.default_model import DEFAULT_MODEL_DIR, default_model_notice, model_or_default
-from qwen2vl.devices import DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP
+from qwen2vl.devices import add_placement_arguments
 from qwen2vl.errors import Qwen2VLError
 
 
@@ -279,15 +279,7 @@ def _chat_parser(p: argparse.ArgumentParser) -> None:
     _model_option(p)
     p.add_argument("--image", action="append", default=[], help="image path/URL (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video path (repeatable)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only LLM")
-    p.add_argument(
-        "--tensor-parallel-size",
-        type=int,
-        default=1,
-        help="split the LLM over N processes: run under torchrun --nproc-per-node N",
-    )
+    add_placement_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

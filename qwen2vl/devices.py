@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import torch
@@ -25,6 +26,35 @@ DTYPE_HELP = (
     "bfloat16 on the CPU (default: %(default)s)"
 )
 _DEVICE = re.compile(r"cpu|auto|cuda(:(0|[1-9][0-9]*))?")
+
+
+def add_placement_arguments(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --quantize and --tensor-parallel-size: how chat and serve place the
+    model (read by ``resolve_device``, ``resolve_dtype`` and ``load_for_inference``)."""
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only LLM")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int_at_least(1),
+        default=1,
+        help="split the LLM over N processes: run under torchrun --nproc-per-node N",
+    )
+
+
+def int_at_least(least: int):
+    """An argparse type: an integer >= ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+        return value
+
+    return parse
 
 
 class DeviceError(Qwen2VLError, ValueError):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from qwen2vl.devices import DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, resolve_device, resolve_dtype
+from qwen2vl.devices import add_placement_arguments, int_at_least, resolve_device, resolve_dtype
 from qwen2vl.errors import Qwen2VLError
 
 DEFAULT_MAX_MODEL_LEN = 8192  # the KV slots are preallocated: slots x 1.5 x this many tokens
@@ -50,15 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the name clients send as 'model' (default: the directory's name)",
     )
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only LLM")
-    p.add_argument(
-        "--tensor-parallel-size",
-        type=_positive,
-        default=1,
-        help="split the LLM over N processes: run under torchrun --nproc-per-node N",
-    )
+    add_placement_arguments(p)
     p.add_argument("--max-num-seqs", type=_positive, default=8, help="sequences decoded together")
     p.add_argument(
         "--max-model-len",
@@ -130,20 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-def _int_at_least(least: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = least - 1
-        if value < least:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive, _count = _int_at_least(1), _int_at_least(0)
+_positive, _count = int_at_least(1), int_at_least(0)
 
 
 def _port(text: str) -> int:
