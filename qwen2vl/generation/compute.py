@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen2vl.generation import gemv
+from qwen2vl.model.text import Attention, RMSNorm
 from qwen2vl.model.vision import PatchEmbed
 
 logger = logging.getLogger(__name__)
@@ -157,11 +158,76 @@ class CPUPatchEmbed(PatchEmbed):
         return F.linear(x.float(), widened(w.flatten(1))).to(w.dtype)
 
 
+def decode_step(x: torch.Tensor, kernels: Kernels) -> bool:
+    """Whether x [..., E] is a CPU decode step's few rows that the compiled per-token operations
+    take: kernel built, inference (they have no backward), a dtype they know."""
+    return (
+        kernels.gemv
+        and x.device.type == "cpu"
+        and x.numel() <= gemv.MAX_ROWS * x.shape[-1]
+        and x.dtype in gemv.ACTIVATION_DTYPES
+        and not torch.is_grad_enabled()
+    )
+
+
+class CPURMSNorm(RMSNorm):
+    """RMSNorm in one compiled call for decode rows. Holds the original module's weight."""
+
+    def __init__(self, norm: RMSNorm, kernels: Kernels):
+        nn.Module.__init__(self)  # not RMSNorm.__init__: the original Parameter is kept
+        self.weight, self.eps, self.kernels = norm.weight, norm.eps, kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if decode_step(x, self.kernels) and x.dtype == self.weight.dtype and x.is_contiguous():
+            return gemv.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class CPUAttention(Attention):
+    """Attention whose decode step (one token a row, a KV cache) takes the rotary and the
+    one-query attention in one compiled call each; everything else is Attention's forward.
+    Holds the original module's projections."""
+
+    def __init__(self, attn: Attention, kernels: Kernels):
+        nn.Module.__init__(self)  # not Attention.__init__: the original projections are kept
+        self.layer_idx, self.kernels = attn.layer_idx, kernels
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            attn.num_heads,
+            attn.num_kv_heads,
+            attn.head_dim,
+        )
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+        )
+
+    def forward(self, x, cos, sin, *, mask=None, cu_seqlens=None, kv_cache=None):
+        B, T, _ = x.shape
+        # cos/sin of x's dtype: the reference's products round to it
+        if T != 1 or kv_cache is None or cu_seqlens is not None or cos.dtype != x.dtype:
+            return super().forward(x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache)
+        if not decode_step(x, self.kernels):
+            return super().forward(x, cos, sin, mask=mask, kv_cache=kv_cache)
+        D = self.head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, 1, heads * D]
+        q = gemv.rotary(q, cos, sin, D).view(B, self.num_heads, 1, D)
+        k = gemv.rotary(k, cos, sin, D).view(B, self.num_kv_heads, 1, D)
+        k, v = kv_cache.update(self.layer_idx, k, v.view(B, self.num_kv_heads, 1, D))
+        out = gemv.one_query_attention(q, k, v, mask)  # [B, H, 1, D]
+        return self.o_proj(out.view(B, 1, -1))
+
+
 def _cpu_module(module: nn.Module, kernels: Kernels) -> nn.Module | None:
     if type(module) is nn.Linear:  # exact types: LoRA, int8 and other subclasses keep theirs
         return CPULinear(module, kernels)
     if type(module) is PatchEmbed:
         return CPUPatchEmbed(module, kernels)
+    if type(module) is RMSNorm:
+        return CPURMSNorm(module, kernels)
+    if type(module) is Attention:
+        return CPUAttention(module, kernels)
     return None
 
 
@@ -171,7 +237,7 @@ def cpu_matmuls(model: nn.Module, kernels: Kernels) -> nn.Module:
 
     The replacements hold the same Parameter objects under the same names, so state dict keys,
     tied weights and outputs on PyTorch's path are unchanged."""
-    for parent in list(model.modules()):
+    for parent in reversed(list(model.modules())):  # children first: parents keep the swaps
         for name, child in list(parent.named_children()):
             fast = _cpu_module(child, kernels)
             if fast is not None:

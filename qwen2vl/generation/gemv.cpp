@@ -1,10 +1,14 @@
 // Decode matmuls on CPU: out[M, N] = x[M, K] @ w[N, K]^T (* scale[N]) (+ bias[N]) for a few
-// activation rows M, with bf16 or int8 weights and float32 accumulation.
+// activation rows M, with bf16, int8 or int4 weights.
 //
 // Decode is bound by reading the weights once per token. Each thread streams a contiguous block
-// of weight rows, widens them in registers and multiplies them against all M rows at once, so
-// memory traffic is the weights plus a small, cache-resident x. Built by gemv.py with
-// -march=native; without AVX2+FMA or AVX-512 it reports simd_width() == 0 and is not used.
+// of weight rows and multiplies them against all M rows at once, so memory traffic is the
+// weights plus a small, cache-resident x. bf16 weights are widened in registers and accumulated
+// in float32; int8 and int4 weights are multiplied as integers by x quantised to int8 (below).
+// Each tile prefetches the next tile's rows: the hardware prefetcher, which needs a few misses to
+// catch on to a stream, loses most of a short row (1.5x for int4 at K = 1536, measured). Built
+// by gemv.py with -march=native; without AVX2+FMA or AVX-512 it reports simd_width() == 0 and is
+// not used.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -62,30 +66,29 @@ constexpr int L = 0;  // no SIMD path: gemv.py does not use this build
 #endif
 
 // R weight rows (stride K) against MB activation rows (float32, stride K) -> out[m * R + r].
-// Two accumulators per pair hide the FMA latency; with R > 1 each x vector loaded serves R rows.
+// With fewer than four (row, x row) pairs, two accumulators per pair hide the FMA latency.
 template <int R, int MB, typename W>
 static inline void tile(const W* w, const float* x, int64_t K, float* out) {
   int64_t k = 0;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-  vec acc[R][MB][2];
+  constexpr int A = R * MB >= 4 ? 1 : 2;
+  vec acc[R][MB][A];
   for (int r = 0; r < R; r++)
-    for (int m = 0; m < MB; m++) acc[r][m][0] = acc[r][m][1] = vzero();
+    for (int m = 0; m < MB; m++)
+      for (int a = 0; a < A; a++) acc[r][m][a] = vzero();
   for (; k + 2 * L <= K; k += 2 * L) {
-    vec xv[MB][2];
-    for (int m = 0; m < MB; m++) {
-      xv[m][0] = vload(x + m * K + k);
-      xv[m][1] = vload(x + m * K + k + L);
-    }
     for (int r = 0; r < R; r++) {
+      _mm_prefetch((const char*)(w + (r + R) * K + k), _MM_HINT_T0);  // the next tile's rows
       vec w0 = wload(w + r * K + k), w1 = wload(w + r * K + k + L);
       for (int m = 0; m < MB; m++) {
-        acc[r][m][0] = vfma(w0, xv[m][0], acc[r][m][0]);
-        acc[r][m][1] = vfma(w1, xv[m][1], acc[r][m][1]);
+        acc[r][m][0] = vfma(w0, vload(x + m * K + k), acc[r][m][0]);
+        acc[r][m][A - 1] = vfma(w1, vload(x + m * K + k + L), acc[r][m][A - 1]);
       }
     }
   }
   for (int r = 0; r < R; r++)
-    for (int m = 0; m < MB; m++) out[m * R + r] = vsum(vadd(acc[r][m][0], acc[r][m][1]));
+    for (int m = 0; m < MB; m++)
+      out[m * R + r] = vsum(A == 2 ? vadd(acc[r][m][0], acc[r][m][A - 1]) : acc[r][m][0]);
 #else
   for (int i = 0; i < R * MB; i++) out[i] = 0.f;
 #endif
@@ -142,83 +145,19 @@ static void gemv_rows(const float* x, const W* w, const float* scale, const floa
 template <typename W, typename O>
 static void gemv_typed(const float* x, const W* w, const float* scale, const float* bias, O* out,
                        int64_t M, int64_t N, int64_t K) {
-  // One row at a time keeps one sequential stream per thread (fastest, measured); when the
-  // activations outgrow L1 (long K, several rows), four rows share each x load instead.
-  if (M * K * 4 > 32 * 1024)
-    gemv_rows<4>(x, w, scale, bias, out, M, N, K);
+  // Decode: one weight row at a time, one sequential stream per thread (fastest, measured).
+  // Several activation rows: two weight rows a tile, each widened weight serving 2 x MB products
+  // with every accumulator in a register (four rows spilled them on AVX2: 1.25x slower at 8 rows).
+  if (M > 1)
+    gemv_rows<2>(x, w, scale, bias, out, M, N, K);
   else
     gemv_rows<1>(x, w, scale, bias, out, M, N, K);
 }
 
-// A small tensor (activations, scales, bias) as contiguous float32, without a dispatcher round
-// trip per call: decode makes hundreds of these calls per token.
-static std::vector<float> floats(const torch::Tensor& t) {
-  auto c = t.contiguous();
-  const int64_t n = c.numel();
-  std::vector<float> out(n);
-  switch (c.scalar_type()) {
-    case torch::kFloat: std::copy_n(c.data_ptr<float>(), n, out.data()); break;
-    case torch::kBFloat16: {
-      const auto* p = c.data_ptr<at::BFloat16>();
-      for (int64_t i = 0; i < n; i++) out[i] = float(p[i]);
-      break;
-    }
-    case torch::kHalf: {
-      const auto* p = c.data_ptr<at::Half>();
-      for (int64_t i = 0; i < n; i++) out[i] = float(p[i]);
-      break;
-    }
-    default: TORCH_CHECK(false, "gemv: float32, bf16 or fp16 tensors expected");
-  }
-  return out;
-}
-
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> scale,
-                   c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
-              "gemv: x [M, K] and w [N, K] expected");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && w.is_contiguous(),
-              "gemv: CPU tensors and a contiguous weight expected");
-  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  const std::vector<float> xf = floats(x);
-  std::vector<float> sf, bf;
-  if (scale) sf = floats(*scale);
-  if (bias) bf = floats(*bias);
-  TORCH_CHECK(!scale || int64_t(sf.size()) == N, "gemv: one scale per output row expected");
-  TORCH_CHECK(!bias || int64_t(bf.size()) == N, "gemv: one bias per output row expected");
-  const float* sp = scale ? sf.data() : nullptr;
-  const float* bp = bias ? bf.data() : nullptr;
-  auto out = torch::empty({M, N}, x.options());
-  const float* xp = xf.data();
-  auto run = [&](const auto* wp) {
-    switch (out.scalar_type()) {
-      case torch::kBFloat16:
-        gemv_typed(xp, wp, sp, bp, out.data_ptr<at::BFloat16>(), M, N, K);
-        break;
-      case torch::kHalf: gemv_typed(xp, wp, sp, bp, out.data_ptr<at::Half>(), M, N, K); break;
-      case torch::kFloat: gemv_typed(xp, wp, sp, bp, out.data_ptr<float>(), M, N, K); break;
-      default: TORCH_CHECK(false, "gemv: activations must be bf16, fp16 or fp32");
-    }
-  };
-  if (w.scalar_type() == torch::kBFloat16)
-    run(reinterpret_cast<const uint16_t*>(w.data_ptr()));
-  else if (w.scalar_type() == torch::kChar)
-    run(w.data_ptr<int8_t>());
-  else
-    TORCH_CHECK(false, "gemv: weights must be bf16 or int8");
-  return out;
-}
-
-// ---- int4 ------------------------------------------------------------------------------------
-// Weights in groups of G (64 or 128) along K, each w = u * scale + min with u in 0..15; scales
-// and mins float16 [N, K / G]. Packed two per byte in chunks of 64 weights: byte j of a chunk
-// holds weight j (low nibble) and weight 32 + j (high nibble), so one 32-byte load, a mask and a
-// shift give the chunk's 64 values in order.
-// Activations are quantised to int8 per group of G (scale max|x| / 127) and multiplied as
-// integers (maddubs: u8 x s8 pairs summed in int16, then int32), which is what makes 4 bits
-// faster than 8 here: widening every weight to float costs more than the bytes it saves. The
-// mins need no per-weight work: min * xscale * sum(xq) once per group. The result is exact for
-// those int8 activations and the stored weights, up to float32 sums.
+// ---- int8 activations ------------------------------------------------------------------------
+// Integer weights (int8, int4) meet activations quantised to int8 per group of G along K (scale
+// max|x| / 127) and are multiplied as integers (maddubs: u8 x s8 pairs summed in int16, then
+// int32): widening every weight to float costs more than the bytes it saves on this path.
 
 static inline float half_to_f32(uint16_t h) {
 #if defined(__F16C__)
@@ -227,6 +166,15 @@ static inline float half_to_f32(uint16_t h) {
   return float(c10::Half(h, c10::Half::from_bits()));
 #endif
 }
+
+#if defined(__AVX__)
+static inline float hsum(__m256 a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+#endif
 
 struct Int8Rows {  // activations [M, K] quantised per group: values, scales, scale * sum(values)
   std::vector<int8_t> q;
@@ -253,105 +201,244 @@ static Int8Rows quantize_rows(const std::vector<float>& x, int64_t M, int64_t K,
   return r;
 }
 
-static inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
-  int64_t i = 0;
-#if defined(__F16C__)
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
-#endif
-  for (; i < n; i++) out[i] = half_to_f32(h[i]);
-}
+// ---- int8 weights ----------------------------------------------------------------------------
+// Symmetric per output row (w = q * scale[n], |q| <= 127 as quantize.py writes them; -128 works
+// too), activations in groups of 32. maddubs takes its first operand unsigned, so |w| meets x
+// with w's sign; a pair's sum, at most 2 * 128 * 127, fits int16. Each group's sum is exact; the
+// float32 result differs from the widened-weight path by the activations' rounding alone.
+constexpr int64_t INT8_GROUP = 32;
 
-// One weight row against MB activation rows: out[m] = sum over groups g of
-// scale[g] * xscale[m, g] * (u . xq)[g]  (comb[m * groups + g] holds the product of scales).
-template <int MB, int CH>
-static inline void int4_tile(const uint8_t* p, const float* comb, const Int8Rows& x, int64_t m0,
-                             int64_t K, float* out) {
-  constexpr int64_t G = 64 * CH;
-  const int64_t groups = K / G;
 #if defined(__AVX2__)
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[MB];
-  for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
+// R weight rows against MB activation rows (from xq, xs at the tile's first row) ->
+// out[m * R + r], before the weight rows' scales.
+template <int R, int MB>
+static inline void int8_tile(const int8_t* w, const int8_t* xq, const float* xs, int64_t K,
+                             float* out) {
+  const int64_t groups = K / INT8_GROUP;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R][MB];
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < MB; m++) acc[r][m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; g++) {
-    __m256i sum[MB];
-    for (int m = 0; m < MB; m++) sum[m] = _mm256_setzero_si256();
-    for (int c = 0; c < CH; c++) {
-      const __m256i b = _mm256_loadu_si256((const __m256i*)(p + (g * CH + c) * 32));
-      const __m256i lo = _mm256_and_si256(b, low);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-      for (int m = 0; m < MB; m++) {  // |u0 x0 + u1 x1| <= 3810: 8 products fit int16
-        const int8_t* xq = x.q.data() + (m0 + m) * K + g * G + c * 64;
-        const __m256i x0 = _mm256_loadu_si256((const __m256i*)xq);
-        const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xq + 32));
-        sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(lo, x0));
-        sum[m] = _mm256_add_epi16(sum[m], _mm256_maddubs_epi16(hi, x1));
-      }
-    }
+    __m256i xv[MB];
+    __m256 xsv[MB];
     for (int m = 0; m < MB; m++) {
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[m], ones));
-      acc[m] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(comb + m * groups + g), acc[m]);
+      xv[m] = _mm256_loadu_si256((const __m256i*)(xq + m * K + g * INT8_GROUP));
+      xsv[m] = _mm256_broadcast_ss(xs + m * groups + g);
     }
-  }
-  for (int m = 0; m < MB; m++) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    out[m] = _mm_cvtss_f32(h);
-  }
-#else
-  for (int m = 0; m < MB; m++) {
-    float acc = 0.f;
-    for (int64_t g = 0; g < groups; g++) {
-      int32_t dot = 0;
-      for (int64_t k = 0; k < G; k++) {
-        const uint8_t byte = p[(g * G + (k / 64) * 64) / 2 + k % 32];
-        const int u = (k % 64) < 32 ? byte & 15 : byte >> 4;
-        dot += u * x.q[(m0 + m) * K + g * G + k];
+    for (int r = 0; r < R; r++) {
+      _mm_prefetch((const char*)(w + (r + R) * K + g * INT8_GROUP), _MM_HINT_T0);  // next tile
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + r * K + g * INT8_GROUP));
+      const __m256i aw = _mm256_abs_epi8(wv);
+      for (int m = 0; m < MB; m++) {
+        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[m], wv)), ones);
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), xsv[m], acc[r][m]);
       }
-      acc += comb[m * groups + g] * float(dot);
     }
-    out[m] = acc;
   }
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < MB; m++) out[m * R + r] = hsum(acc[r][m]);
+}
+
+template <typename O>
+static void gemv_int8_typed(const Int8Rows& x, const int8_t* w, const float* scale,
+                            const float* bias, O* out, int64_t M, int64_t N, int64_t K) {
+  const int64_t groups = K / INT8_GROUP;
+  auto put = [&](int64_t m, int64_t n, float v) {
+    if (scale) v *= scale[n];
+    out[m * N + n] = O(bias ? v + bias[n] : v);
+  };
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    float t[4];
+    if (M == 1)  // decode: four weight rows a tile, each activation load serving all four
+      for (; begin + 4 <= end; begin += 4) {
+        int8_tile<4, 1>(w + begin * K, x.q.data(), x.scale.data(), K, t);
+        for (int r = 0; r < 4; r++) put(0, begin + r, t[r]);
+      }
+    for (int64_t n = begin; n < end; n++)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mb = std::min<int64_t>(4, M - m0);
+        const int8_t* xq = x.q.data() + m0 * K;
+        const float* xs = x.scale.data() + m0 * groups;
+        switch (mb) {
+          case 4: int8_tile<1, 4>(w + n * K, xq, xs, K, t); break;
+          case 3: int8_tile<1, 3>(w + n * K, xq, xs, K, t); break;
+          case 2: int8_tile<1, 2>(w + n * K, xq, xs, K, t); break;
+          default: int8_tile<1, 1>(w + n * K, xq, xs, K, t); break;
+        }
+        for (int64_t m = 0; m < mb; m++) put(m0 + m, n, t[m]);
+      }
+  });
+}
 #endif
+
+// A small tensor (activations, scales, bias) as contiguous float32, without a dispatcher round
+// trip per call: decode makes hundreds of these calls per token.
+static std::vector<float> floats(const torch::Tensor& t) {
+  auto c = t.contiguous();
+  const int64_t n = c.numel();
+  std::vector<float> out(n);
+  switch (c.scalar_type()) {
+    case torch::kFloat: std::copy_n(c.data_ptr<float>(), n, out.data()); break;
+    case torch::kBFloat16: {
+      const auto* p = c.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < n; i++) out[i] = float(p[i]);
+      break;
+    }
+    case torch::kHalf: {
+      const auto* p = c.data_ptr<at::Half>();
+      for (int64_t i = 0; i < n; i++) out[i] = float(p[i]);
+      break;
+    }
+    default: TORCH_CHECK(false, "gemv: float32, bf16 or fp16 tensors expected");
+  }
+  return out;
+}
+
+// f(pointer to out's data) for the activations' dtypes: the output takes x's.
+template <typename F>
+static void by_out(torch::Tensor& out, F&& f) {
+  switch (out.scalar_type()) {
+    case torch::kBFloat16: f(out.data_ptr<at::BFloat16>()); break;
+    case torch::kHalf: f(out.data_ptr<at::Half>()); break;
+    case torch::kFloat: f(out.data_ptr<float>()); break;
+    default: TORCH_CHECK(false, "gemv: activations must be bf16, fp16 or fp32");
+  }
+}
+
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> scale,
+                   c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "gemv: x [M, K] and w [N, K] expected");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && w.is_contiguous(),
+              "gemv: CPU tensors and a contiguous weight expected");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  const std::vector<float> xf = floats(x);
+  std::vector<float> sf, bf;
+  if (scale) sf = floats(*scale);
+  if (bias) bf = floats(*bias);
+  TORCH_CHECK(!scale || int64_t(sf.size()) == N, "gemv: one scale per output row expected");
+  TORCH_CHECK(!bias || int64_t(bf.size()) == N, "gemv: one bias per output row expected");
+  const float* sp = scale ? sf.data() : nullptr;
+  const float* bp = bias ? bf.data() : nullptr;
+  auto out = torch::empty({M, N}, x.options());
+  if (w.scalar_type() == torch::kBFloat16) {
+    const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+    by_out(out, [&](auto* o) { gemv_typed(xf.data(), wp, sp, bp, o, M, N, K); });
+  } else if (w.scalar_type() == torch::kChar) {
+    const int8_t* wp = w.data_ptr<int8_t>();
+#if defined(__AVX2__)
+    if (K % INT8_GROUP == 0) {
+      const Int8Rows xq = quantize_rows(xf, M, K, INT8_GROUP);
+      by_out(out, [&](auto* o) { gemv_int8_typed(xq, wp, sp, bp, o, M, N, K); });
+      return out;
+    }
+#endif
+    by_out(out, [&](auto* o) { gemv_typed(xf.data(), wp, sp, bp, o, M, N, K); });
+  } else {
+    TORCH_CHECK(false, "gemv: weights must be bf16 or int8");
+  }
+  return out;
+}
+
+// ---- int4 weights ----------------------------------------------------------------------------
+// Groups of G (64 or 128) along K, each w = u * scale + min with u in 0..15; scales and mins
+// float16 [N, K / G]. Packed two per byte in chunks of 64 weights: byte j of a chunk holds weight
+// j (low nibble) and weight 32 + j (high nibble), so one 32-byte load, a mask and a shift give
+// the chunk's 64 values in order. Activations in groups of G; u is unsigned, so maddubs takes it
+// as it is. The mins need no per-weight work: min * xscale * sum(xq) once per group. The result
+// is exact for those int8 activations and the stored weights, up to float32 sums.
+
+// One weight row's scales times one activation row's: comb[g] = scale[g] * xscale[g]; returns
+// the mins' part of the dot product, sum over g of min[g] * xscale[g] * sum(xq)[g]. Vectorised:
+// scalar, this setup cost as much as the row's integer products at K = 1536.
+static inline float row_scales(const uint16_t* sc, const uint16_t* mn, const float* xs,
+                               const float* xz, int64_t groups, float* comb) {
+  int64_t g = 0;
+  float corr = 0.f;
+#if defined(__F16C__) && defined(__FMA__)
+  __m256 c = _mm256_setzero_ps();
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + g)));
+    const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mn + g)));
+    _mm256_storeu_ps(comb + g, _mm256_mul_ps(s, _mm256_loadu_ps(xs + g)));
+    c = _mm256_fmadd_ps(z, _mm256_loadu_ps(xz + g), c);
+  }
+  corr = hsum(c);
+#endif
+  for (; g < groups; g++) {
+    comb[g] = half_to_f32(sc[g]) * xs[g];
+    corr += half_to_f32(mn[g]) * xz[g];
+  }
+  return corr;
 }
 
 #if defined(__AVX2__)
-// Decode (one activation row): R weight rows at once, so each group's activation bytes are loaded
-// once for all of them and R independent sums hide the latency of each row's chain.
-template <int R, int CH>
-static inline void int4_rows(const uint8_t* p, int64_t row_bytes, const float* comb,
+// R weight rows (row_bytes apart) against MB activation rows (xq at the tile's first row) ->
+// out[m * R + r] = sum over groups g of comb[(r * MB + m) * groups + g] * (u . xq)[g]. Decode
+// takes R = 4, MB = 1: each activation load serves four rows, whose independent sums hide each
+// chain's latency; several activation rows take R = 1.
+template <int R, int MB, int CH>
+static inline void int4_tile(const uint8_t* p, int64_t row_bytes, const float* comb,
                              const int8_t* xq, int64_t K, float* out) {
   constexpr int64_t G = 64 * CH;
   const int64_t groups = K / G;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[R];
-  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  __m256 acc[R][MB];
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < MB; m++) acc[r][m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; g++) {
-    __m256i sum[R];
-    for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+    __m256i sum[R][MB];  // |u0 x0 + u1 x1| <= 3810: 8 products fit int16
+    for (int r = 0; r < R; r++)
+      for (int m = 0; m < MB; m++) sum[r][m] = _mm256_setzero_si256();
     for (int c = 0; c < CH; c++) {
-      const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xq + g * G + c * 64));
-      const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xq + g * G + c * 64 + 32));
+      __m256i x0[MB], x1[MB];
+      for (int m = 0; m < MB; m++) {
+        x0[m] = _mm256_loadu_si256((const __m256i*)(xq + m * K + g * G + c * 64));
+        x1[m] = _mm256_loadu_si256((const __m256i*)(xq + m * K + g * G + c * 64 + 32));
+      }
       for (int r = 0; r < R; r++) {
+        // the next tile's rows: short rows end before the hardware prefetcher has caught on
+        _mm_prefetch((const char*)(p + (r + R) * row_bytes + (g * CH + c) * 32), _MM_HINT_T0);
         const __m256i b = _mm256_loadu_si256((const __m256i*)(p + r * row_bytes + (g * CH + c) * 32));
         const __m256i lo = _mm256_and_si256(b, low);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-        sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(lo, x0));
-        sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(hi, x1));
+        for (int m = 0; m < MB; m++) {
+          sum[r][m] = _mm256_add_epi16(sum[r][m], _mm256_maddubs_epi16(lo, x0[m]));
+          sum[r][m] = _mm256_add_epi16(sum[r][m], _mm256_maddubs_epi16(hi, x1[m]));
+        }
       }
     }
-    for (int r = 0; r < R; r++) {
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[r], ones));
-      acc[r] = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(comb + r * groups + g), acc[r]);
+    for (int r = 0; r < R; r++)
+      for (int m = 0; m < MB; m++) {
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[r][m], ones));
+        const __m256 cv = _mm256_broadcast_ss(comb + (r * MB + m) * groups + g);
+        acc[r][m] = _mm256_fmadd_ps(dot, cv, acc[r][m]);
+      }
+  }
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < MB; m++) out[m * R + r] = hsum(acc[r][m]);
+}
+#else
+template <int R, int MB, int CH>
+static inline void int4_tile(const uint8_t* p, int64_t row_bytes, const float* comb,
+                             const int8_t* xq, int64_t K, float* out) {
+  constexpr int64_t G = 64 * CH;
+  const int64_t groups = K / G;
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < MB; m++) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < groups; g++) {
+        int32_t dot = 0;
+        for (int64_t k = 0; k < G; k++) {
+          const uint8_t byte = p[r * row_bytes + (g * G + (k / 64) * 64) / 2 + k % 32];
+          const int u = (k % 64) < 32 ? byte & 15 : byte >> 4;
+          dot += u * xq[m * K + g * G + k];
+        }
+        acc += comb[(r * MB + m) * groups + g] * float(dot);
+      }
+      out[m * R + r] = acc;
     }
-  }
-  for (int r = 0; r < R; r++) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    out[r] = _mm_cvtss_f32(h);
-  }
 }
 #endif
 
@@ -359,58 +446,35 @@ template <int CH, typename O>
 static void gemv_int4_typed(const Int8Rows& x, const uint8_t* p, const uint16_t* sc,
                             const uint16_t* mn, const float* bias, O* out, int64_t M, int64_t N,
                             int64_t K) {
-  const int64_t groups = K / (64 * CH);
+  const int64_t groups = K / (64 * CH), row_bytes = K / 2;
+  auto put = [&](int64_t m, int64_t n, float v) { out[m * N + n] = O(bias ? v + bias[n] : v); };
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> scale(groups), zero(groups), comb(4 * groups);
-    float t[4];
-#if defined(__AVX2__)
-    if (M == 1) {  // decode: four weight rows a tile; the rows left go the general way below
-      constexpr int R = 4;
-      for (; begin + R <= end; begin += R) {
-        float corr[R] = {};
-        for (int r = 0; r < R; r++) {
-          halves_to_floats(sc + (begin + r) * groups, groups, scale.data());
-          halves_to_floats(mn + (begin + r) * groups, groups, zero.data());
-          for (int64_t g = 0; g < groups; g++) {
-            comb[r * groups + g] = scale[g] * x.scale[g];
-            corr[r] += zero[g] * x.zero[g];
-          }
-        }
-        int4_rows<R, CH>(p + begin * K / 2, K / 2, comb.data(), x.q.data(), K, t);
-        for (int r = 0; r < R; r++) {
-          const float v = t[r] + corr[r];
-          out[begin + r] = O(bias ? v + bias[begin + r] : v);
-        }
+    std::vector<float> comb(4 * groups);
+    float t[4], corr[4];
+    if (M == 1)  // decode: four weight rows a tile; the rows left go the general way below
+      for (; begin + 4 <= end; begin += 4) {
+        for (int r = 0; r < 4; r++)
+          corr[r] = row_scales(sc + (begin + r) * groups, mn + (begin + r) * groups,
+                               x.scale.data(), x.zero.data(), groups, comb.data() + r * groups);
+        int4_tile<4, 1, CH>(p + begin * row_bytes, row_bytes, comb.data(), x.q.data(), K, t);
+        for (int r = 0; r < 4; r++) put(0, begin + r, t[r] + corr[r]);
       }
-    }
-#endif
-    for (int64_t n = begin; n < end; n++) {
-      halves_to_floats(sc + n * groups, groups, scale.data());
-      halves_to_floats(mn + n * groups, groups, zero.data());
+    for (int64_t n = begin; n < end; n++)
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t mb = std::min<int64_t>(4, M - m0);
-        float corr[4] = {};  // sum over groups of min * xscale * sum(xq)
-        for (int64_t m = 0; m < mb; m++) {
-          const float* xs = x.scale.data() + (m0 + m) * groups;
-          const float* xz = x.zero.data() + (m0 + m) * groups;
-          for (int64_t g = 0; g < groups; g++) {
-            comb[m * groups + g] = scale[g] * xs[g];
-            corr[m] += zero[g] * xz[g];
-          }
-        }
-        const uint8_t* pn = p + n * K / 2;
+        for (int64_t m = 0; m < mb; m++)
+          corr[m] = row_scales(sc + n * groups, mn + n * groups, x.scale.data() + (m0 + m) * groups,
+                               x.zero.data() + (m0 + m) * groups, groups, comb.data() + m * groups);
+        const uint8_t* pn = p + n * row_bytes;
+        const int8_t* xq = x.q.data() + m0 * K;
         switch (mb) {
-          case 4: int4_tile<4, CH>(pn, comb.data(), x, m0, K, t); break;
-          case 3: int4_tile<3, CH>(pn, comb.data(), x, m0, K, t); break;
-          case 2: int4_tile<2, CH>(pn, comb.data(), x, m0, K, t); break;
-          default: int4_tile<1, CH>(pn, comb.data(), x, m0, K, t); break;
+          case 4: int4_tile<1, 4, CH>(pn, row_bytes, comb.data(), xq, K, t); break;
+          case 3: int4_tile<1, 3, CH>(pn, row_bytes, comb.data(), xq, K, t); break;
+          case 2: int4_tile<1, 2, CH>(pn, row_bytes, comb.data(), xq, K, t); break;
+          default: int4_tile<1, 1, CH>(pn, row_bytes, comb.data(), xq, K, t); break;
         }
-        for (int64_t m = 0; m < mb; m++) {
-          const float v = t[m] + corr[m];
-          out[(m0 + m) * N + n] = O(bias ? v + bias[n] : v);
-        }
+        for (int64_t m = 0; m < mb; m++) put(m0 + m, n, t[m] + corr[m]);
       }
-    }
   });
 }
 
@@ -442,18 +506,12 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   const float* bp = bias ? bf.data() : nullptr;
   auto out = torch::empty({M, N}, x.options());
   const uint8_t* p = packed.data_ptr<uint8_t>();
-  auto run = [&](auto* o) {
-    switch (group) {
-      case 64: gemv_int4_typed<1>(xq, p, sp, mp, bp, o, M, N, K); break;
-      default: gemv_int4_typed<2>(xq, p, sp, mp, bp, o, M, N, K); break;
-    }
-  };
-  switch (out.scalar_type()) {
-    case torch::kBFloat16: run(out.data_ptr<at::BFloat16>()); break;
-    case torch::kHalf: run(out.data_ptr<at::Half>()); break;
-    case torch::kFloat: run(out.data_ptr<float>()); break;
-    default: TORCH_CHECK(false, "gemv_int4: activations must be bf16, fp16 or fp32");
-  }
+  by_out(out, [&](auto* o) {
+    if (group == 64)
+      gemv_int4_typed<1>(xq, p, sp, mp, bp, o, M, N, K);
+    else
+      gemv_int4_typed<2>(xq, p, sp, mp, bp, o, M, N, K);
+  });
   return out;
 }
 
@@ -491,9 +549,19 @@ void dequantize_int4(torch::Tensor packed, torch::Tensor scales, torch::Tensor m
 
 int simd_width() { return L; }
 
+// decode_ops.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t D);
+torch::Tensor one_query_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                  c10::optional<torch::Tensor> mask);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x [M, K] @ w[N, K]^T (* scale) (+ bias), float32 accumulation");
   m.def("gemv_int4", &gemv_int4, "x [M, K] @ int4 groups [N, K]^T (+ bias), int8 activations");
   m.def("dequantize_int4", &dequantize_int4, "int4 groups -> float32 [N, K] into out");
   m.def("simd_width", &simd_width, "float32 lanes of the compiled path; 0: none");
+  m.attr("INT8_GROUP") = INT8_GROUP;
+  m.def("rms_norm", &rms_norm, "RMSNorm of x [..., E] as model/text.py computes it");
+  m.def("rotary", &rotary, "rotary of x [B, T, N * D] by cos/sin [B, T, D] as model/rope.py");
+  m.def("one_query_attention", &one_query_attention, "q [B, H, 1, D] against k/v [B, K, S, D]");
 }

@@ -1,15 +1,18 @@
 """Decode matmuls on CPU (a few activation rows against bf16, int8 or int4 weights) in a small C++
-loop; and the one-pass unpacking of int4 weights for prefill.
+loop; the one-pass unpacking of int4 weights for prefill; and the small per-token operations of
+a decode step (RMSNorm, rotary, one-query attention) in one call each.
 
 Why: decode reads every weight once per token, so its speed is the memory bandwidth. PyTorch's
 bf16 and int8 kernels for one row reach about 65 % of it on a 2-core machine; ``gemv.cpp``
-streams each thread's rows once and reaches 85-98 % of it in bf16, 68-98 % in int8 (by matrix
-shape, measured). int4 (quantize.py's groups) multiplies int8-quantised activations as integers:
-faster than int8 where widening each weight to float would be the bottleneck (see gemv.cpp).
+streams each thread's rows once, prefetching the next rows, and reaches 75-90 % of it in bf16
+(measured, by matrix shape). int8 and int4 weights multiply int8-quantised activations as
+integers (widening each weight to float would be the bottleneck, see gemv.cpp). The per-token
+operations (``decode_ops.cpp``) are each several PyTorch operators on a few thousand numbers,
+where dispatch, not arithmetic, sets the time.
 
 ``available()`` compiles the kernel for this CPU the first time it is asked for
-(``torch.utils.cpp_extension``: a C++ compiler and ninja, about 20 s) and caches it under a name
-that hashes this CPU's features, the source, the flags and the torch and Python versions, so a
+(``torch.utils.cpp_extension``: a C++ compiler and ninja, about 30 s) and caches it under a name
+that hashes this CPU's features, the sources, the flags and the torch and Python versions, so a
 shared home directory never runs code built for another CPU or another torch. If it cannot be
 built, or the CPU has neither AVX2+FMA nor AVX-512, callers take PyTorch's kernels (logged once).
 ``QWEN2VL_KERNELS=0`` turns it off.
@@ -33,7 +36,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # activation rows the kernel takes; more rows are matmuls, not GEMVs
-SOURCE = Path(__file__).with_name("gemv.cpp")
+INT8_GROUP = 32  # int8 weights meet activations quantised to int8 in groups of this many (gemv.cpp)
+SOURCES = [Path(__file__).with_name(n) for n in ("gemv.cpp", "decode_ops.cpp")]
 FLAGS = ("-O3", "-march=native", "-fopenmp")
 WEIGHT_DTYPES = (torch.bfloat16, torch.int8)
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -42,9 +46,13 @@ ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BUILD = """\
 import sys
 from torch.utils import cpp_extension
-name, source, directory, *flags = sys.argv[1:]
+name, sources, directory, *flags = sys.argv[1:]
 cpp_extension.load(
-    name, [source], build_directory=directory, extra_cflags=flags, extra_ldflags=["-fopenmp"]
+    name,
+    sources.split(","),
+    build_directory=directory,
+    extra_cflags=flags,
+    extra_ldflags=["-fopenmp"],
 )
 """
 
@@ -62,7 +70,8 @@ def _cpu_flags() -> str:
 
 def _name() -> str:
     """The extension's module name: a hash of everything that changes the built library."""
-    key = [_cpu_flags(), SOURCE.read_text(), " ".join(FLAGS), torch.__version__, sys.version]
+    sources = [s.read_text() for s in SOURCES]
+    key = [_cpu_flags(), *sources, " ".join(FLAGS), torch.__version__, sys.version]
     return "qwen2vl_gemv_" + hashlib.sha1("\n".join(key).encode()).hexdigest()[:12]
 
 
@@ -90,7 +99,8 @@ def _build(name: str, directory: Path) -> None:
     """Compile in a child interpreter given ``_build_env()``, so this process's environment is
     never edited. Raises with the end of the compiler's output on failure."""
     directory.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-c", _BUILD, name, str(SOURCE), str(directory), *FLAGS]
+    sources = ",".join(str(s) for s in SOURCES)
+    argv = [sys.executable, "-c", _BUILD, name, sources, str(directory), *FLAGS]
     done = subprocess.run(argv, env=_build_env(), capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         tail = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
@@ -153,7 +163,9 @@ def linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T`` (each output channel times ``scales``, then ``+ bias``) in x's dtype,
-    accumulated in float32. Call only where ``fits(x, weight)`` and ``available()``."""
+    accumulated in float32; int8 weights meet x quantised to int8 in groups of ``INT8_GROUP``
+    (where K is whole groups), as llama.cpp's q8_0 does. Call only where ``fits(x, weight)``
+    and ``available()``."""
     out = _load().gemv(x.reshape(-1, x.shape[-1]), weight, scales, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -182,3 +194,25 @@ def dequantize_int4(
     over the weights in parallel). Call only where ``available()``."""
     _load().dequantize_int4(packed, scales, mins, group, out)
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.text.RMSNorm's output for contiguous CPU x [..., E] and a weight of x's dtype (an
+    ACTIVATION_DTYPES one). Call only where ``available()``."""
+    return _load().rms_norm(x, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """model.rope.apply_rotary on each head of a projection's output x [B, T, N * head_dim]
+    (contiguous) with cos/sin [B, T, head_dim] of x's dtype; returns [B, T, N * head_dim].
+    Call only where ``available()``."""
+    return _load().rotary(x, cos, sin, head_dim)
+
+
+def one_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """model.attention.one_query_attention: q [B, H, 1, D] against k/v [B, K, S, D] (views into a
+    KV cache, unit stride along D), mask None or boolean [B, 1, 1, S]. Call only where
+    ``available()``."""
+    return _load().one_query_attention(q, k, v, mask)

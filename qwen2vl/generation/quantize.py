@@ -4,7 +4,9 @@ output channel, int4 in groups along the input dimension.
 int8: each output channel of a Linear weight [N, K] gets one scale = max|w| / 127; weights are
 stored as int8 and multiplied on the fly. Decode rows on CPU read the int8 weights directly (half
 the bytes of bf16: decode speed is bound by those bytes): the GEMV kernel (gemv.py) where the load
-chose it, else PyTorch's fused ``_weight_int8pack_mm``.
+chose it, which multiplies them by the activations quantised to int8 in groups of 32 (integer
+products, as llama.cpp's q8_0 does: 1.25x the widened-float kernel here, measured), else
+PyTorch's fused ``_weight_int8pack_mm``.
 
 int4: asymmetric, in groups of ``GROUP`` = 64 weights along K: w ~= u * scale + min with u in
 0..15, scale and min float16 per group (4.5 bits a weight; a layer's K is padded with zero

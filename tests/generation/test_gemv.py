@@ -4,6 +4,7 @@ import platform
 
 import pytest
 import torch
+from int8_activations import half_steps, int8_activations
 
 from qwen2vl.generation import gemv
 from qwen2vl.generation.quantize import quantize_per_channel
@@ -36,17 +37,54 @@ def test_bf16_matches_float64(rows, k, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 16])
+@pytest.mark.parametrize("k", [32, 1536, 8960])
+@pytest.mark.parametrize("n", [1, 7, 130])  # not multiples of the 4-row tile
+def test_int8_matches_float64_of_int8_activations(rows, k, n):
+    g = torch.Generator().manual_seed(rows * k + n)
+    x = torch.randn(rows, k, generator=g)
+    q, scales = quantize_per_channel(torch.randn(n, k, generator=g))
+    bias = torch.randn(n, generator=g)
+    w = q.double() * scales.double()[:, None]
+    want = int8_activations(x, k, gemv.INT8_GROUP) @ w.T + bias.double()
+    got = gemv.linear(x, q, scales, bias)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    # integer dot products per group are exact; what remains is float32 sums over the groups
+    assert ((got.double() - want).abs() <= 1e-5 * want.abs().max() + 1e-5).all()
+    # against the exact activations: each x moves at most half an int8 step of its group
+    exact = x.double() @ w.T + bias.double()
+    bound = half_steps(x, k, gemv.INT8_GROUP) @ w.abs().view(n, -1, gemv.INT8_GROUP).sum(-1).T
+    assert ((got.double() - exact).abs() <= bound + 1e-5 * exact.abs().max() + 1e-5).all()
+
+
+@needs_kernel
+def test_python_knows_the_kernels_activation_group():
+    assert gemv._load().INT8_GROUP == gemv.INT8_GROUP
+
+
+@needs_kernel
+def test_int8_weights_of_minus_128_multiply_exactly():
+    # quantize.py writes |q| <= 127; a checkpoint's -128 still multiplies right (|w| as unsigned)
+    x = torch.ones(1, 64)
+    q = torch.full((4, 64), -128, dtype=torch.int8)
+    got = gemv.linear(x, q, torch.ones(4))
+    assert torch.equal(got, torch.full((1, 4), -128.0 * 64))
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_int8_applies_per_channel_scales_and_bias(dtype):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 96, generator=g).to(dtype)  # leading dims are kept
-    q, scales = quantize_per_channel(torch.randn(33, 96, generator=g))
+@pytest.mark.parametrize("k", [96, 70])  # 70: not whole groups of 32, widened to float32
+def test_int8_applies_per_channel_scales_and_bias(dtype, k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2, 3, k, generator=g).to(dtype)  # leading dims are kept
+    q, scales = quantize_per_channel(torch.randn(33, k, generator=g))
     bias = torch.randn(33, generator=g)
     want = x.double() @ (q.double() * scales.double()[:, None]).T + bias.double()
     got = gemv.linear(x, q, scales.to(dtype), bias.to(dtype))
     assert got.dtype == dtype and got.shape == (2, 3, 33)
     rel = (got.double() - want).abs().max() / want.abs().max()
-    assert rel < (1e-2 if dtype != torch.float32 else 1e-6)
+    # int8 activations: within about a percent; float32 activations and weights: exact sums
+    assert rel < (1e-2 if dtype != torch.float32 or k % gemv.INT8_GROUP == 0 else 1e-6)
 
 
 def test_fits_only_cpu_decode_rows_of_supported_dtypes():

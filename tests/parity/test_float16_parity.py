@@ -16,7 +16,7 @@ from tiny_qwen2vl import IMAGE, VEND, VSTART, tiny_model
 from tiny_qwen25 import hf_model as qwen25_model
 
 import qwen2vl
-from qwen2vl.generation.generate import generate
+from qwen2vl.generation.generate import Generator, generate
 from qwen2vl.generation.load import load_for_inference
 from qwen2vl.generation.sampling import SamplingParams
 
@@ -79,7 +79,7 @@ def test_float16_logits_match_transformers(plain):
 
 def test_float16_greedy_matches_transformers_generate(plain):
     """Also through load_for_inference: its CPU decode kernel takes no float16 weights, so the
-    matmuls fall back to PyTorch's (int8 weights with float16 activations do take it)."""
+    matmuls fall back to PyTorch's."""
     ours, ref = float16_pair(plain)
     inputs = image_prompt()
     with torch.no_grad():
@@ -94,9 +94,30 @@ def test_float16_greedy_matches_transformers_generate(plain):
     want = out[:, inputs["input_ids"].shape[1] :].tolist()
     params = SamplingParams(max_new_tokens=20)
     assert generate(ours, inputs, params, stop_token_ids=[0]) == want
-    for quantize in (None, "int8"):
-        model = load_for_inference(plain, "float16", quantize=quantize)
-        assert generate(model, inputs, params, stop_token_ids=[0]) == want, quantize
+    model = load_for_inference(plain, "float16")
+    assert generate(model, inputs, params, stop_token_ids=[0]) == want
+
+
+def test_float16_activations_through_the_int8_kernel_stay_near_float16(plain):
+    """int8 weights take the CPU decode kernel with float16 activations (quantised to int8 per
+    group in it, so no longer equal to the float16 model): every decode step's logits stay finite
+    and near the float16 model's, fed the same tokens."""
+    inputs = image_prompt()
+    params = SamplingParams(max_new_tokens=8)
+    half = Generator.start(load_for_inference(plain, "float16"), inputs, params, stop_token_ids=[])
+    int8 = Generator.start(
+        load_for_inference(plain, "float16", quantize="int8"), inputs, params, stop_token_ids=[]
+    )
+    for _ in range(params.max_new_tokens - 1):
+        assert int8.logits.dtype == torch.float16
+        int8.logits = half.logits  # so the int8 model is fed the float16 model's choice
+        tokens = half.step().tokens
+        int8.step()
+        a, b = int8.logits.float(), half.logits.float()
+        assert a.isfinite().all()
+        # measured up to 0.067 of the logit scale on this random model; its int8 weights on
+        # PyTorch's path alone (float16 activations) move them up to 0.061
+        assert (a - b).abs().max() <= 0.1 * b.abs().max(), tokens
 
 
 def big_activations(model):
