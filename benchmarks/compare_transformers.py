@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import statistics
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,19 +96,36 @@ def measure_transformers(path: Path, batch: dict, *, new_tokens: int, repeats: i
     pv, grid, ids = batch["pixel_values"], batch["image_grid_thw"], batch["input_ids"]
     inputs = dict(batch, mm_token_type_ids=(ids == model.config.image_token_id).int())
 
-    def run(n: int) -> int:
+    def run(n: int, streamer=None) -> int:
         """Generate exactly n tokens (end-of-sequence is held off until then); how many came."""
-        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        out = model.generate(
+            **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer
+        )
         return out.shape[1] - ids.shape[1]
 
     with torch.inference_mode():
         vision = median_time(lambda: model.model.get_image_features(pv, grid), repeats)
         ttft = median_time(lambda: run(1), first_token_runs(device, repeats))
-        # decode = an n-token run less a 1-token run, both warm (a cold TTFT would swallow it)
-        one, _ = timed(lambda: run(1))
-        seconds, produced = timed(lambda: run(new_tokens))
-    decode = decode_rate(produced - 1, new_tokens - 1, seconds - one)
+        # decode: from the first new token to the last, timed as generate hands them out (a
+        # difference of two runs' times went negative when the machine was busy)
+        clock = TokenClock()
+        run(new_tokens, clock)
+    forwards = len(clock.times) - 2  # the prompt, then one put per token
+    decode = decode_rate(forwards, new_tokens - 1, clock.times[-1] - clock.times[1])
     return Row(load_s, vision, ttft, decode, peak_mem())
+
+
+class TokenClock:
+    """A generate() streamer noting when each put (the prompt, then each new token) arrives."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def median_row(rows: Sequence[Row]) -> Row:
