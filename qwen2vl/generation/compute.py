@@ -205,11 +205,10 @@ class CPUAttention(Attention):
 
     def forward(self, x, cos, sin, *, mask=None, cu_seqlens=None, kv_cache=None):
         B, T, _ = x.shape
+        one_token = T == 1 and kv_cache is not None and cu_seqlens is None
         # cos/sin of x's dtype: the reference's products round to it
-        if T != 1 or kv_cache is None or cu_seqlens is not None or cos.dtype != x.dtype:
+        if not (one_token and cos.dtype == x.dtype and decode_step(x, self.kernels)):
             return super().forward(x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache)
-        if not decode_step(x, self.kernels):
-            return super().forward(x, cos, sin, mask=mask, kv_cache=kv_cache)
         D = self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, 1, heads * D]
         q = gemv.rotary(q, cos, sin, D).view(B, self.num_heads, 1, D)

@@ -4,9 +4,10 @@ a decode step (RMSNorm, rotary, one-query attention) in one call each.
 
 Why: decode reads every weight once per token, so its speed is the memory bandwidth. PyTorch's
 bf16 and int8 kernels for one row reach about 65 % of it on a 2-core machine; ``gemv.cpp``
-streams each thread's rows once, prefetching the next rows, and reaches 75-90 % of it in bf16
-(measured, by matrix shape). int8 and int4 weights multiply int8-quantised activations as
-integers (widening each weight to float would be the bottleneck, see gemv.cpp). The per-token
+streams each thread's rows once, prefetching the next rows: about 20 GB/s of the 23-28 GB/s two
+threads read on a 2-core AVX2 machine (bf16, a 2B step's matrices in turn, measured). int8 and
+int4 weights multiply int8-quantised activations as integers (widening each weight to float
+would be the bottleneck, see gemv.cpp). The per-token
 operations (``decode_ops.cpp``) are each several PyTorch operators on a few thousand numbers,
 where dispatch, not arithmetic, sets the time.
 
@@ -46,13 +47,11 @@ ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BUILD = """\
 import sys
 from torch.utils import cpp_extension
-name, sources, directory, *flags = sys.argv[1:]
+name, directory, *args = sys.argv[1:]
+sources = [a for a in args if not a.startswith("-")]
+flags = [a for a in args if a.startswith("-")]
 cpp_extension.load(
-    name,
-    sources.split(","),
-    build_directory=directory,
-    extra_cflags=flags,
-    extra_ldflags=["-fopenmp"],
+    name, sources, build_directory=directory, extra_cflags=flags, extra_ldflags=["-fopenmp"]
 )
 """
 
@@ -99,8 +98,8 @@ def _build(name: str, directory: Path) -> None:
     """Compile in a child interpreter given ``_build_env()``, so this process's environment is
     never edited. Raises with the end of the compiler's output on failure."""
     directory.mkdir(parents=True, exist_ok=True)
-    sources = ",".join(str(s) for s in SOURCES)
-    argv = [sys.executable, "-c", _BUILD, name, sources, str(directory), *FLAGS]
+    sources = [str(s.resolve()) for s in SOURCES]  # absolute: never taken for a flag
+    argv = [sys.executable, "-c", _BUILD, name, str(directory), *sources, *FLAGS]
     done = subprocess.run(argv, env=_build_env(), capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         tail = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]

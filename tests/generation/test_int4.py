@@ -29,6 +29,42 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
+def test_packing_puts_weight_j_and_32_plus_j_in_byte_j_of_each_chunk():
+    u = torch.randint(0, 16, (3, 128), dtype=torch.uint8)
+    packed = pack_int4(u)
+    assert packed.shape == (3, 64)
+    assert torch.equal(packed[:, 5], u[:, 5] | (u[:, 37] << 4))
+    assert torch.equal(packed[:, 32 + 2], u[:, 64 + 2] | (u[:, 96 + 2] << 4))
+    assert torch.equal(unpack_int4(packed), u)
+
+
+@pytest.mark.parametrize("group", [64, 128])
+def test_each_weight_is_within_half_a_step_of_its_group_grid(group):
+    w = torch.randn(7, 3 * group) * 0.02
+    packed, scales, mins = quantize_groups(w, group)
+    assert scales.dtype == mins.dtype == torch.float16 and scales.shape == (7, 3)
+    err = (dequantize_int4(packed, scales, mins, group) - w).abs().view(7, 3, group)
+    assert (err <= scales.float()[..., None] * 0.5 + 1e-6).all()
+
+
+def test_groups_are_whole_packed_chunks():
+    with pytest.raises(ValueError, match="multiples of 64"):
+        quantize_groups(torch.randn(4, 64), 32)
+
+
+def test_k_not_a_multiple_of_the_group_is_padded_with_zero_weights():
+    w = torch.randn(5, 70)
+    packed, scales, mins = quantize_groups(w, 64)
+    assert packed.shape == (5, 64) and scales.shape == (5, 2)  # K padded to 128
+    d = dequantize_int4(packed, scales, mins, 64)
+    assert (d[:, 70:].abs() <= scales.float()[:, 1:] / 2 + 1e-6).all()  # zeros, to half a step
+    lin = torch.nn.Linear(70, 5)
+    q = Int4Linear(lin)
+    x = torch.randn(2, 70)
+    want = x.double() @ dequantize_int4(q.weight, q.scales, q.mins)[:, :70].double().T
+    assert torch.allclose(q(x).double(), want + lin.bias.double(), atol=1e-5)
+
+
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 5, 16])
 @pytest.mark.parametrize(("n", "k"), [(1, 64), (7, 70), (130, 200), (33, 1536)])
