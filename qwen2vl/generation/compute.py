@@ -11,6 +11,9 @@ Two regimes, chosen per call by the number of activation rows:
   reused float32 workspace (a fresh buffer per call would page-fault on every use), multiplied,
   and the result cast back.
 The weights stay in their storage dtype either way (memory and decode bandwidth unchanged).
+A decode step's RMSNorms, rotary and one-query attention take one compiled call each
+(``decode_ops.cpp``, same arithmetic): as PyTorch operators on a few thousand numbers they cost
+more in dispatch than in arithmetic (a fifth of a 2B int4 step, measured).
 
 Which paths a model takes is decided once, at load (``choose_kernels``: builds the kernel,
 measures the matmul speed, logs the choice), and handed to the modules that take them
@@ -231,8 +234,9 @@ def _cpu_module(module: nn.Module, kernels: Kernels) -> nn.Module | None:
 
 
 def cpu_matmuls(model: nn.Module, kernels: Kernels) -> nn.Module:
-    """Replace every plain nn.Linear and the patch embedding under ``model`` by its CPU module
-    (in place, on its parent); returns ``model``, or its replacement if it is one itself.
+    """Replace every plain nn.Linear, the patch embedding and the LLM's RMSNorms and attention
+    modules under ``model`` by their CPU modules (in place, on the parent); returns ``model``,
+    or its replacement if it is one itself.
 
     The replacements hold the same Parameter objects under the same names, so state dict keys,
     tied weights and outputs on PyTorch's path are unchanged."""
