@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 static inline float to_f32(uint16_t h) {  // bf16 bits -> float
@@ -25,6 +26,26 @@ static inline float to_f32(uint16_t h) {  // bf16 bits -> float
   return f;
 }
 static inline float to_f32(int8_t q) { return float(q); }
+
+#if defined(__AVX__)
+static inline float hsum(__m256 a) {  // the sum of a's eight floats
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+#endif
+
+// f(std::integral_constant<int, mb>) for mb in 1..4: a tile's activation rows, a template argument.
+template <typename F>
+static inline void by_rows(int64_t mb, F&& f) {
+  switch (mb) {
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    default: f(std::integral_constant<int, 1>()); break;
+  }
+}
 
 #if defined(__AVX512F__)
 constexpr int L = 16;
@@ -48,12 +69,7 @@ static inline vec vzero() { return _mm256_setzero_ps(); }
 static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float vsum(vec a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+static inline float vsum(vec a) { return hsum(a); }
 static inline vec wload(const uint16_t* p) {
   __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
@@ -104,12 +120,7 @@ static inline void rows(const W* w, const float* x, int64_t M, int64_t K, float*
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const float* xm = x + m0 * K;
     const int64_t mb = std::min<int64_t>(4, M - m0);
-    switch (mb) {
-      case 4: tile<R, 4>(w, xm, K, t); break;
-      case 3: tile<R, 3>(w, xm, K, t); break;
-      case 2: tile<R, 2>(w, xm, K, t); break;
-      default: tile<R, 1>(w, xm, K, t); break;
-    }
+    by_rows(mb, [&](auto MB) { tile<R, MB>(w, xm, K, t); });
     std::copy(t, t + mb * R, s + m0 * R);
   }
 }
@@ -166,15 +177,6 @@ static inline float half_to_f32(uint16_t h) {
   return float(c10::Half(h, c10::Half::from_bits()));
 #endif
 }
-
-#if defined(__AVX__)
-static inline float hsum(__m256 a) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
-}
-#endif
 
 struct Int8Rows {  // activations [M, K] quantised per group: values, scales, scale * sum(values)
   std::vector<int8_t> q;
@@ -260,12 +262,7 @@ static void gemv_int8_typed(const Int8Rows& x, const int8_t* w, const float* sca
         const int64_t mb = std::min<int64_t>(4, M - m0);
         const int8_t* xq = x.q.data() + m0 * K;
         const float* xs = x.scale.data() + m0 * groups;
-        switch (mb) {
-          case 4: int8_tile<1, 4>(w + n * K, xq, xs, K, t); break;
-          case 3: int8_tile<1, 3>(w + n * K, xq, xs, K, t); break;
-          case 2: int8_tile<1, 2>(w + n * K, xq, xs, K, t); break;
-          default: int8_tile<1, 1>(w + n * K, xq, xs, K, t); break;
-        }
+        by_rows(mb, [&](auto MB) { int8_tile<1, MB>(w + n * K, xq, xs, K, t); });
         for (int64_t m = 0; m < mb; m++) put(m0 + m, n, t[m]);
       }
   });
@@ -467,12 +464,7 @@ static void gemv_int4_typed(const Int8Rows& x, const uint8_t* p, const uint16_t*
                                x.zero.data() + (m0 + m) * groups, groups, comb.data() + m * groups);
         const uint8_t* pn = p + n * row_bytes;
         const int8_t* xq = x.q.data() + m0 * K;
-        switch (mb) {
-          case 4: int4_tile<1, 4, CH>(pn, row_bytes, comb.data(), xq, K, t); break;
-          case 3: int4_tile<1, 3, CH>(pn, row_bytes, comb.data(), xq, K, t); break;
-          case 2: int4_tile<1, 2, CH>(pn, row_bytes, comb.data(), xq, K, t); break;
-          default: int4_tile<1, 1, CH>(pn, row_bytes, comb.data(), xq, K, t); break;
-        }
+        by_rows(mb, [&](auto MB) { int4_tile<1, MB, CH>(pn, row_bytes, comb.data(), xq, K, t); });
         for (int64_t m = 0; m < mb; m++) put(m0 + m, n, t[m] + corr[m]);
       }
   });
