@@ -6,9 +6,10 @@
 
 Prints the wall time per step, the weight bytes it reads and the bandwidth that implies (against
 this machine's measured read bandwidth), then the profiler's operators by self time, grouped:
-the linear layers (our decode kernels or aten::linear), attention, the sampler over the
-vocabulary, the cache write, everything else; and the part of the wall time no operator
-accounts for (Python and dispatch). Asserts nothing.
+the compiled decoder layers (compute.CPUDecoderLayer), the linear layers outside them (our
+decode kernels or aten::linear), attention, the sampler over the vocabulary, the cache write,
+everything else; and the part of the wall time no operator accounts for (Python and dispatch).
+Asserts nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from qwen2vl.bench import bytes_per_token, measure_bandwidth, random_checkpoint
-from qwen2vl.generation import generate
+from qwen2vl.generation import gemv, generate
 from qwen2vl.generation.compute import CPULinear
 from qwen2vl.generation.generate import Generator
 from qwen2vl.generation.load import load_for_inference
@@ -32,6 +33,7 @@ from qwen2vl.generation.sampling import SamplingParams
 from qwen2vl.presets import PRESETS
 
 GROUPS = {  # event name fragment -> group, first match wins (ranges are ours: see label())
+    "compiled layer": "decoder layers (compiled)",
     "lm_head": "lm_head",
     "linear": "linear layers",
     "addmm": "linear layers",
@@ -54,12 +56,14 @@ def group(name: str) -> str:
 
 def label(model: torch.nn.Module) -> None:
     """Name our decode kernels' calls (C++ outside aten, so the profiler sees no operator for
-    them) and the sampler, as profiler ranges."""
+    them), the compiled decoder layer's two calls and the sampler, as profiler ranges."""
     for name, m in model.named_modules():
         if isinstance(m, CPULinear | Int8Linear | Int4Linear) or type(m) is torch.nn.Linear:
             tag = "lm_head" if name.endswith("lm_head") else "linear"
             m.forward = _in_range(tag, m.forward)
     generate.sample = _in_range("sampler", generate.sample)
+    for name in ("attention_inputs", "attention_output_and_mlp"):  # looked up at each call
+        setattr(gemv, name, _in_range("compiled layer", getattr(gemv, name)))
 
 
 def _in_range(tag: str, fn):

@@ -13,7 +13,9 @@ Two regimes, chosen per call by the number of activation rows:
 The weights stay in their storage dtype either way (memory and decode bandwidth unchanged).
 A decode step's RMSNorms, rotary and one-query attention take one compiled call each
 (``decode_ops.cpp``, same arithmetic): as PyTorch operators on a few thousand numbers they cost
-more in dispatch than in arithmetic (a fifth of a 2B int4 step, measured).
+more in dispatch than in arithmetic (a fifth of a 2B int4 step, measured). A decoder layer
+whose parts all take these paths runs its step in two compiled calls around the KV cache write
+(``CPUDecoderLayer``, the same bits): its ~25 Python module calls cost 4-8% of a 2B step.
 
 Which paths a model takes is decided once, at load (``choose_kernels``: builds the kernel,
 measures the matmul speed, logs the choice), and handed to the modules that take them
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen2vl.generation import gemv
-from qwen2vl.model.text import Attention, RMSNorm
+from qwen2vl.model.text import MLP, Attention, DecoderLayer, RMSNorm
 from qwen2vl.model.vision import PatchEmbed
 
 logger = logging.getLogger(__name__)
@@ -137,8 +139,14 @@ class CPULinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias
         self.kernels = kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gemv_operands(self, x: torch.Tensor) -> gemv.Operands | None:
+        """The decode kernel's operands for x's rows, where the kernel takes them."""
         if self.kernels.gemv and gemv.fits(x, self.weight):
+            return self.weight, None, None, self.bias, 0
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv_operands(x) is not None:
             return gemv.linear(x, self.weight, bias=self.bias)
         if not (self.kernels.widen and many_rows(x)):
             return F.linear(x, self.weight, self.bias)
@@ -221,6 +229,60 @@ class CPUAttention(Attention):
         return self.o_proj(out.view(B, 1, -1))
 
 
+class CPUDecoderLayer(DecoderLayer):
+    """A decoder layer whose decode step runs in two compiled calls around the KV cache write
+    (``gemv.attention_inputs``, ``gemv.attention_output_and_mlp``): the same operations as its
+    CPU modules one by one, the same output bits, without ~25 Python module calls. Only where
+    every part would take the compiled path anyway (its RMSNorms, CPUAttention, a plain MLP,
+    linears that give kernel operands: not a LoRA or a tensor-parallel shard); everything else
+    is DecoderLayer's forward. Holds the original layer's submodules."""
+
+    def __init__(self, layer: DecoderLayer, kernels: Kernels):
+        nn.Module.__init__(self)  # not DecoderLayer.__init__: the original submodules are kept
+        self.self_attn, self.mlp, self.kernels = layer.self_attn, layer.mlp, kernels
+        self.input_layernorm = layer.input_layernorm
+        self.post_attention_layernorm = layer.post_attention_layernorm
+
+    def forward(self, x, cos, sin, *, mask=None, cu_seqlens=None, kv_cache=None, tap=None):
+        ops = None
+        if x.shape[1] == 1 and kv_cache is not None and cu_seqlens is None and tap is None:
+            ops = self._operands(x, cos)
+        if ops is None:
+            return super().forward(
+                x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache, tap=tap
+            )
+        attn, norm, post_norm = self.self_attn, self.input_layernorm, self.post_attention_layernorm
+        q, k, v = gemv.attention_inputs(
+            x, norm.weight, norm.eps, *ops[:3], cos, sin,
+            attn.num_heads, attn.num_kv_heads, attn.head_dim,
+        )  # fmt: skip
+        k, v = kv_cache.update(attn.layer_idx, k, v)
+        return gemv.attention_output_and_mlp(
+            x, q, k, v, mask, ops[3], post_norm.weight, post_norm.eps, *ops[4:]
+        )
+
+    def _operands(self, x: torch.Tensor, cos: torch.Tensor) -> list[gemv.Operands] | None:
+        """The seven linears' kernel operands (q, k, v, o, gate, up, down) where this one-token
+        step's every part takes the compiled path; else None."""
+        attn, mlp = self.self_attn, self.mlp
+        norms = self.input_layernorm, self.post_attention_layernorm
+        if not (
+            type(attn) is CPUAttention
+            and type(mlp) is MLP
+            and all(type(n) is CPURMSNorm and n.weight.dtype == x.dtype for n in norms)
+            and cos.dtype == x.dtype
+            and x.is_contiguous()
+            and decode_step(x, self.kernels)
+        ):
+            return None
+        ops = []
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                       mlp.up_proj, mlp.down_proj):  # fmt: skip
+            operands = getattr(linear, "gemv_operands", None)
+            ops.append(operands(x) if operands else None)  # x: only its rows and dtype count
+        return None if any(o is None for o in ops) else ops
+
+
 def _cpu_module(module: nn.Module, kernels: Kernels) -> nn.Module | None:
     if type(module) is nn.Linear:  # exact types: LoRA, int8 and other subclasses keep theirs
         return CPULinear(module, kernels)
@@ -230,12 +292,14 @@ def _cpu_module(module: nn.Module, kernels: Kernels) -> nn.Module | None:
         return CPURMSNorm(module, kernels)
     if type(module) is Attention:
         return CPUAttention(module, kernels)
+    if type(module) is DecoderLayer:
+        return CPUDecoderLayer(module, kernels)
     return None
 
 
 def cpu_matmuls(model: nn.Module, kernels: Kernels) -> nn.Module:
-    """Replace every plain nn.Linear, the patch embedding and the LLM's RMSNorms and attention
-    modules under ``model`` by their CPU modules (in place, on the parent); returns ``model``,
+    """Replace every plain nn.Linear, the patch embedding and the LLM's RMSNorms, attention
+    modules and decoder layers under ``model`` by their CPU modules (in place, on the parent); returns ``model``,
     or its replacement if it is one itself.
 
     The replacements hold the same Parameter objects under the same names, so state dict keys,

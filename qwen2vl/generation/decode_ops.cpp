@@ -1,11 +1,13 @@
 // The small per-token operations of a CPU decode step, one call each: RMSNorm, rotary and
-// attention of one query against the KV cache. In PyTorch each is several operators on a few
+// attention of one query against the KV cache; and a whole decoder layer's step in two calls. In PyTorch each is several operators on a few
 // thousand numbers, and a 2B decode step spent about a fifth of its time dispatching them
 // (measured: 20-30 ms of 75-110 ms in int4). Same arithmetic as the reference modules (float32
 // statistics and scores; a half-precision result rounded where the reference rounds it), so
 // outputs agree to float32 rounding; compiled into gemv.py's extension beside gemv.cpp.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -164,4 +166,37 @@ torch::Tensor one_query_attention(torch::Tensor q, torch::Tensor k, torch::Tenso
     });
   });
   return out;
+}
+
+// ---- a decoder layer's decode step ---------------------------------------------------------
+// DecoderLayer (model/text.py) for one token a row, in two calls around the KV cache write, which
+// stays with the cache (its owner knows where a row's token goes). The same operations in the
+// same order and dtypes as the layer's CPU modules take one by one (compute.py), so the output
+// is the same bits; what goes is ~25 Python module calls a layer (a sixth of a 2B int4 step).
+// x [B, 1, E] -> q [B, heads, 1, D], k and v [B, kv_heads, 1, D]: input norm, projections,
+// rotary on q and k.
+std::vector<torch::Tensor> attention_inputs(torch::Tensor x, torch::Tensor norm, double eps,
+                                            const LinearOperands& q, const LinearOperands& k,
+                                            const LinearOperands& v, torch::Tensor cos,
+                                            torch::Tensor sin, int64_t heads, int64_t kv_heads,
+                                            int64_t head_dim) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "attention_inputs: x [B, 1, E] expected");
+  const int64_t B = x.size(0), D = head_dim;
+  const auto h = rms_norm(x, norm, eps);
+  return {rotary(linear(q, h), cos, sin, D).view({B, heads, 1, D}),
+          rotary(linear(k, h), cos, sin, D).view({B, kv_heads, 1, D}),
+          linear(v, h).view({B, kv_heads, 1, D})};
+}
+
+// The rest of the step, k/v [B, kv_heads, S, D] being the cache with this token written:
+// x + o(attention), then + down(silu(gate(h)) * up(h)) of its post-attention norm h.
+torch::Tensor attention_output_and_mlp(torch::Tensor x, torch::Tensor q, torch::Tensor k,
+                                       torch::Tensor v, c10::optional<torch::Tensor> mask,
+                                       const LinearOperands& o, torch::Tensor norm, double eps,
+                                       const LinearOperands& gate, const LinearOperands& up,
+                                       const LinearOperands& down) {
+  const int64_t B = x.size(0);
+  x = x + linear(o, one_query_attention(q, k, v, mask).view({B, 1, -1}));
+  const auto h = rms_norm(x, norm, eps);
+  return x + linear(down, at::silu(linear(gate, h)) * linear(up, h));
 }

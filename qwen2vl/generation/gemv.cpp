@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -539,13 +541,23 @@ void dequantize_int4(torch::Tensor packed, torch::Tensor scales, torch::Tensor m
   });
 }
 
-int simd_width() { return L; }
+// x [..., K] times the operands' weight: gemv_int4 for packed weights, else gemv.
+torch::Tensor linear(const LinearOperands& op, const torch::Tensor& x) {
+  const auto& [w, scales, mins, bias, group] = op;
+  const auto rows = x.reshape({-1, x.size(-1)});
+  torch::Tensor out;
+  if (w.scalar_type() == torch::kByte) {
+    TORCH_CHECK(scales && mins, "linear: int4 weights need their scales and mins");
+    out = gemv_int4(rows, w, *scales, *mins, bias, group);
+  } else {
+    out = gemv(rows, w, scales, bias);
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = out.size(1);
+  return out.view(shape);
+}
 
-// decode_ops.cpp
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
-torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t D);
-torch::Tensor one_query_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                  c10::optional<torch::Tensor> mask);
+int simd_width() { return L; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x [M, K] @ w[N, K]^T (* scale) (+ bias), float32 accumulation");
@@ -556,4 +568,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of x [..., E] as model/text.py computes it");
   m.def("rotary", &rotary, "rotary of x [B, T, N * D] by cos/sin [B, T, D] as model/rope.py");
   m.def("one_query_attention", &one_query_attention, "q [B, H, 1, D] against k/v [B, K, S, D]");
+  m.def("linear", &linear, "x [..., K] times one linear layer's operands (gemv or gemv_int4)");
+  m.def("attention_inputs", &attention_inputs, "a decode step's q, k, v [B, heads, 1, D]");
+  m.def("attention_output_and_mlp", &attention_output_and_mlp, "the rest of the layer's step");
 }

@@ -1,6 +1,7 @@
 """Decode matmuls on CPU (a few activation rows against bf16, int8 or int4 weights) in a small C++
 loop; the one-pass unpacking of int4 weights for prefill; and the small per-token operations of
-a decode step (RMSNorm, rotary, one-query attention) in one call each.
+a decode step (RMSNorm, rotary, one-query attention) in one call each, and a decoder layer's
+whole step in two.
 
 Why: decode reads every weight once per token, so its speed is the memory bandwidth. PyTorch's
 bf16 and int8 kernels for one row reach about 65 % of it on a 2-core machine; ``gemv.cpp``
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 MAX_ROWS = 16  # activation rows the kernel takes; more rows are matmuls, not GEMVs
 INT8_GROUP = 32  # int8 weights meet activations quantised to int8 in groups of this many (gemv.cpp)
 SOURCES = [Path(__file__).with_name(n) for n in ("gemv.cpp", "decode_ops.cpp")]
+HEADERS = [Path(__file__).with_name("kernels.h")]  # hashed with the sources, not compiled alone
 FLAGS = ("-O3", "-march=native", "-fopenmp")
 WEIGHT_DTYPES = (torch.bfloat16, torch.int8)
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -69,7 +71,7 @@ def _cpu_flags() -> str:
 
 def _name() -> str:
     """The extension's module name: a hash of everything that changes the built library."""
-    sources = [s.read_text() for s in SOURCES]
+    sources = [s.read_text() for s in SOURCES + HEADERS]
     key = [_cpu_flags(), *sources, " ".join(FLAGS), torch.__version__, sys.version]
     return "qwen2vl_gemv_" + hashlib.sha1("\n".join(key).encode()).hexdigest()[:12]
 
@@ -193,6 +195,50 @@ def dequantize_int4(
     over the weights in parallel). Call only where ``available()``."""
     _load().dequantize_int4(packed, scales, mins, group, out)
     return out
+
+
+Operands = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]
+"""One linear layer's kernel operands as its module's ``gemv_operands`` gives them: (weight,
+scales, mins, bias, int4 group or 0), a bf16 or int8 weight (with scales per output row for
+int8) or int4 weights packed as ``quantize.quantize_groups`` packs them."""
+
+
+def attention_inputs(
+    x: torch.Tensor,
+    norm: torch.Tensor,
+    eps: float,
+    q: Operands,
+    k: Operands,
+    v: Operands,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+) -> list[torch.Tensor]:
+    """A decoder layer's decode step up to the KV cache write (see decode_ops.cpp): x [B, 1, E]
+    -> [q, k, v], q [B, heads, 1, D] and k/v [B, kv_heads, 1, D], after the input RMSNorm
+    (weight ``norm``), the projections and rotary on q and k. Call only where ``available()``."""
+    return _load().attention_inputs(x, norm, eps, q, k, v, cos, sin, heads, kv_heads, head_dim)
+
+
+def attention_output_and_mlp(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    o: Operands,
+    norm: torch.Tensor,
+    eps: float,
+    gate: Operands,
+    up: Operands,
+    down: Operands,
+) -> torch.Tensor:
+    """The rest of that step, k/v [B, kv_heads, S, D] holding this token's: the layer's output
+    x + o(attention) + down(silu(gate(h)) * up(h)), h that sum's RMSNorm (weight ``norm``).
+    Call only where ``available()``."""
+    return _load().attention_output_and_mlp(x, q, k, v, mask, o, norm, eps, gate, up, down)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

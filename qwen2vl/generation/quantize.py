@@ -112,8 +112,14 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.kernels = kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gemv_operands(self, x: torch.Tensor) -> gemv.Operands | None:
+        """The decode kernel's operands for x's rows, where the kernel takes them."""
         if self.kernels.gemv and gemv.fits(x, self.weight):
+            return self.weight, self.scales, None, self.bias, 0
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv_operands(x) is not None:
             return gemv.linear(x, self.weight, self.scales, self.bias)
         if many_rows(x) and x.device.type == "cpu":  # prefill: compute-bound, see compute.py
             w = widened(self.weight).mul_(self.scales[:, None])
@@ -149,9 +155,17 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group, self.kernels = group, kernels
 
+    def gemv_operands(self, x: torch.Tensor) -> gemv.Operands | None:
+        """The int4 kernel's operands for x's rows, where the kernel takes them (any rows below
+        compute.MIN_ROWS: see gemv.linear_int4)."""
+        on_cpu, dtype_ok = x.device.type == "cpu", x.dtype in gemv.ACTIVATION_DTYPES
+        if self.kernels.gemv and on_cpu and dtype_ok and not many_rows(x):
+            return self.weight, self.scales, self.mins, self.bias, self.group
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         on_cpu = x.device.type == "cpu"
-        if self.kernels.gemv and on_cpu and not many_rows(x) and x.dtype in gemv.ACTIVATION_DTYPES:
+        if self.gemv_operands(x) is not None:
             return gemv.linear_int4(x, self.weight, self.scales, self.mins, self.bias, self.group)
         if self.kernels.gemv and on_cpu:  # the kernel's one-pass unpacking, into the workspace
             w = workspace(self.weight.shape[0], self.weight.shape[1] * 2)

@@ -9,12 +9,14 @@ from tiny_qwen2vl import tiny_model
 from qwen2vl.generation import gemv
 from qwen2vl.generation.compute import (
     CPUAttention,
+    CPUDecoderLayer,
     CPULinear,
     CPURMSNorm,
     Kernels,
     cpu_matmuls,
 )
 from qwen2vl.generation.kv_cache import KVCache
+from qwen2vl.generation.quantize import quantize_int4, quantize_int8
 from qwen2vl.model.attention import one_query_attention
 from qwen2vl.model.rope import apply_rotary
 from qwen2vl.model.text import RMSNorm
@@ -129,3 +131,56 @@ def test_training_takes_the_reference_path():
     x = torch.randn(1, 1, 64, requires_grad=True)
     norm(x).sum().backward()  # gradients enabled: the module's own forward, differentiable
     assert x.grad is not None
+
+
+def decode(model, steps: int = 3):
+    """Logits of ``steps`` decode steps of two rows (row 1 left-padded) after a prefill of 6,
+    and the KV cache they leave."""
+    cfg = model.cfg.text
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6 + steps), generator=g)
+    padding = torch.ones(2, 6 + steps, dtype=torch.long)
+    padding[1, :2] = 0
+    cache = KVCache(cfg, 2, 16, dtype=torch.bfloat16)
+    logits = []
+    with torch.inference_mode():
+        model(ids[:, :6], padding[:, :6], kv_cache=cache)
+        cache.commit(6)
+        for t in range(6, 6 + steps):
+            step = ids[:, t : t + 1], padding[:, : t + 1]
+            logits.append(model(*step, position_ids=torch.full((2, 1), t), kv_cache=cache).logits)
+            cache.commit(1)
+    return torch.cat(logits, 1), cache
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+def test_compiled_layer_step_gives_the_modules_bits(weights, monkeypatch):
+    model = cpu_matmuls(tiny_model(seed=0).bfloat16(), KERNELS)
+    if weights == "int8":
+        quantize_int8(model, kernels=KERNELS)
+    elif weights == "int4":
+        quantize_int4(model, kernels=KERNELS)
+    assert all(type(layer) is CPUDecoderLayer for layer in model.model.layers)
+    calls = []
+    compiled = gemv.attention_inputs
+    monkeypatch.setattr(gemv, "attention_inputs", lambda *a: calls.append(1) or compiled(*a))
+    got, got_cache = decode(model)
+    assert len(calls) == 3 * len(model.model.layers)  # every layer's every decode step
+    monkeypatch.setattr(CPUDecoderLayer, "_operands", lambda *a: None)  # module by module
+    want, want_cache = decode(model)
+    assert len(calls) == 3 * len(model.model.layers)
+    assert torch.equal(got, want)
+    assert torch.equal(got_cache.k, want_cache.k) and torch.equal(got_cache.v, want_cache.v)
+
+
+def test_layer_step_leaves_other_linears_to_the_modules(monkeypatch):
+    model = cpu_matmuls(tiny_model(seed=0).bfloat16(), KERNELS)
+    attn = model.model.layers[1].self_attn
+    attn.o_proj = torch.nn.Linear(attn.o_proj.in_features, attn.o_proj.out_features).bfloat16()
+    calls = []
+    compiled = gemv.attention_inputs
+    monkeypatch.setattr(gemv, "attention_inputs", lambda *a: calls.append(1) or compiled(*a))
+    got, _ = decode(model)
+    assert len(calls) == 3  # layer 0 only: layer 1's o_proj (a LoRA, say) gives no operands
+    monkeypatch.setattr(CPUDecoderLayer, "_operands", lambda *a: None)
+    assert torch.equal(got, decode(model)[0])
