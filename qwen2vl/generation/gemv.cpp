@@ -568,7 +568,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of x [..., E] as model/text.py computes it");
   m.def("rotary", &rotary, "rotary of x [B, T, N * D] by cos/sin [B, T, D] as model/rope.py");
   m.def("one_query_attention", &one_query_attention, "q [B, H, 1, D] against k/v [B, K, S, D]");
-  m.def("linear", &linear, "x [..., K] times one linear layer's operands (gemv or gemv_int4)");
   m.def("attention_inputs", &attention_inputs, "a decode step's q, k, v [B, heads, 1, D]");
   m.def("attention_output_and_mlp", &attention_output_and_mlp, "the rest of the layer's step");
 }
