@@ -8,8 +8,9 @@
 
 // One linear layer's operands as the Python modules hand them over (gemv.py): a weight (bf16,
 // int8 or int4-packed uint8), its scales and mins where it has them, a bias, the int4 group.
-using LinearOperands = std::tuple<torch::Tensor, c10::optional<torch::Tensor>,
-                                  c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, int64_t>;
+using LinearOperands =
+    std::tuple<torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
+               c10::optional<torch::Tensor>, int64_t>;
 
 // gemv.cpp
 torch::Tensor linear(const LinearOperands& op, const torch::Tensor& x);
