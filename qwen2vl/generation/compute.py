@@ -188,8 +188,12 @@ class CPURMSNorm(RMSNorm):
         nn.Module.__init__(self)  # not RMSNorm.__init__: the original Parameter is kept
         self.weight, self.eps, self.kernels = norm.weight, norm.eps, kernels
 
+    def compiled(self, x: torch.Tensor) -> bool:
+        """Whether x takes the compiled call."""
+        return decode_step(x, self.kernels) and x.dtype == self.weight.dtype and x.is_contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if decode_step(x, self.kernels) and x.dtype == self.weight.dtype and x.is_contiguous():
+        if self.compiled(x):
             return gemv.rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
@@ -214,13 +218,16 @@ class CPUAttention(Attention):
             attn.o_proj,
         )
 
-    def forward(self, x, cos, sin, *, mask=None, cu_seqlens=None, kv_cache=None):
-        B, T, _ = x.shape
-        one_token = T == 1 and kv_cache is not None and cu_seqlens is None
+    def compiled(self, x, cos, *, cu_seqlens=None, kv_cache=None) -> bool:
+        """Whether this call is a decode step the compiled calls take."""
+        one_token = x.shape[1] == 1 and kv_cache is not None and cu_seqlens is None
         # cos/sin of x's dtype: the reference's products round to it
-        if not (one_token and cos.dtype == x.dtype and decode_step(x, self.kernels)):
+        return one_token and cos.dtype == x.dtype and decode_step(x, self.kernels)
+
+    def forward(self, x, cos, sin, *, mask=None, cu_seqlens=None, kv_cache=None):
+        if not self.compiled(x, cos, cu_seqlens=cu_seqlens, kv_cache=kv_cache):
             return super().forward(x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache)
-        D = self.head_dim
+        B, D = x.shape[0], self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, 1, heads * D]
         q = gemv.rotary(q, cos, sin, D).view(B, self.num_heads, 1, D)
         k = gemv.rotary(k, cos, sin, D).view(B, self.num_kv_heads, 1, D)
@@ -244,9 +251,7 @@ class CPUDecoderLayer(DecoderLayer):
         self.post_attention_layernorm = layer.post_attention_layernorm
 
     def forward(self, x, cos, sin, *, mask=None, cu_seqlens=None, kv_cache=None, tap=None):
-        ops = None
-        if x.shape[1] == 1 and kv_cache is not None and cu_seqlens is None and tap is None:
-            ops = self._operands(x, cos)
+        ops = None if tap is not None else self._operands(x, cos, cu_seqlens, kv_cache)
         if ops is None:
             return super().forward(
                 x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache, tap=tap
@@ -261,18 +266,17 @@ class CPUDecoderLayer(DecoderLayer):
             x, q, k, v, mask, ops[3], post_norm.weight, post_norm.eps, *ops[4:]
         )
 
-    def _operands(self, x: torch.Tensor, cos: torch.Tensor) -> list[gemv.Operands] | None:
-        """The seven linears' kernel operands (q, k, v, o, gate, up, down) where this one-token
-        step's every part takes the compiled path; else None."""
+    def _operands(self, x, cos, cu_seqlens, kv_cache) -> list[gemv.Operands] | None:
+        """The seven linears' kernel operands (q, k, v, o, gate, up, down) where every part of
+        this step takes the compiled path (asked with x: the norms' and attention's inputs have
+        its shape and dtype); else None."""
         attn, mlp = self.self_attn, self.mlp
         norms = self.input_layernorm, self.post_attention_layernorm
         if not (
             type(attn) is CPUAttention
+            and attn.compiled(x, cos, cu_seqlens=cu_seqlens, kv_cache=kv_cache)
             and type(mlp) is MLP
-            and all(type(n) is CPURMSNorm and n.weight.dtype == x.dtype for n in norms)
-            and cos.dtype == x.dtype
-            and x.is_contiguous()
-            and decode_step(x, self.kernels)
+            and all(type(n) is CPURMSNorm and n.compiled(x) for n in norms)
         ):
             return None
         ops = []
@@ -299,8 +303,8 @@ def _cpu_module(module: nn.Module, kernels: Kernels) -> nn.Module | None:
 
 def cpu_matmuls(model: nn.Module, kernels: Kernels) -> nn.Module:
     """Replace every plain nn.Linear, the patch embedding and the LLM's RMSNorms, attention
-    modules and decoder layers under ``model`` by their CPU modules (in place, on the parent); returns ``model``,
-    or its replacement if it is one itself.
+    modules and decoder layers under ``model`` by their CPU modules (in place, on the parent);
+    returns ``model``, or its replacement if it is one itself.
 
     The replacements hold the same Parameter objects under the same names, so state dict keys,
     tied weights and outputs on PyTorch's path are unchanged."""
